@@ -1,0 +1,57 @@
+"""Argument checks shared by the op path and the pure-TensorFlow path.
+
+Whatever can be decided from static shapes and dtypes is raised here, early, as ValueError or
+TypeError. What is only known at run time (a dynamic batch size) is checked by the op kernel
+(InvalidArgumentError) or by an assertion in the reference path.
+"""
+
+import numbers
+
+import tensorflow as tf
+
+SUPPORTED_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+
+
+def accumulator_dtype(dtype):
+    """float64 for double inputs, float32 for everything narrower."""
+    return tf.float64 if dtype == tf.float64 else tf.float32
+
+
+def check_ddof(ddof):
+    if isinstance(ddof, bool) or not isinstance(ddof, numbers.Integral) or ddof < 0:
+        raise ValueError(f"ddof must be a non-negative integer, got {ddof!r}")
+    return int(ddof)
+
+
+def check_input(x, ddof, name="x"):
+    """Converts x to a tensor and checks what is statically known about it."""
+    if not isinstance(x, (tf.Tensor, tf.Variable)) and not hasattr(x, "dtype"):
+        x = tf.convert_to_tensor(x)
+    x = tf.convert_to_tensor(x)
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype.name}")
+    rank = x.shape.rank
+    if rank is not None and rank < 2:
+        raise ValueError(
+            f"{name} must have rank >= 2 ([batch, units...]), got shape {x.shape}")
+    if rank is not None:
+        batch = x.shape[0]
+        if batch is not None and batch <= ddof:
+            raise ValueError(
+                f"{name} has a batch of {batch}, but batch entropy with ddof={ddof} needs a "
+                f"batch of at least {ddof + 1}")
+        units = x.shape[1:].num_elements()
+        if units == 0:
+            raise ValueError(f"{name} has zero units (shape {x.shape})")
+    return x
+
+
+def check_list(xs, ddof, name="xs"):
+    if isinstance(xs, (tf.Tensor, tf.Variable)) or hasattr(xs, "shape") and not isinstance(
+            xs, (list, tuple)):
+        raise TypeError(f"{name} must be a list or tuple of tensors, got {type(xs).__name__}")
+    xs = list(xs)
+    if not xs:
+        raise ValueError(f"{name} must hold at least one tensor")
+    return [check_input(x, ddof, name=f"{name}[{i}]") for i, x in enumerate(xs)]

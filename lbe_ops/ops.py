@@ -1,0 +1,107 @@
+"""batch_entropy and batch_entropies: the compiled op where it can run, the reference elsewhere.
+
+Ops (registered by the library): Lbe>BatchEntropy / Lbe>BatchEntropyGrad for one tensor and
+Lbe>BatchEntropies / Lbe>BatchEntropiesGrad for a group. Each forward op returns the entropy (in
+the input dtype) and the per-unit mean and variance (float32, or float64 for double inputs),
+which the gradient op uses to compute dx in one pass over x.
+"""
+
+import tensorflow as tf
+
+from lbe_ops import _loader, _validation, reference
+
+
+def _stats_dtype(dtype):
+    return _validation.accumulator_dtype(dtype)
+
+
+def _zeros_if_none(grad, like):
+    return tf.zeros_like(like) if grad is None else grad
+
+
+def _op_single(x, ddof):
+    module = _loader.op_module()
+    return module.lbe_batch_entropy(x, ddof=ddof, Tstats=_stats_dtype(x.dtype))
+
+
+def _op_group(xs, ddof):
+    module = _loader.op_module()
+    return module.lbe_batch_entropies(xs, ddof=ddof, Tstats=_stats_dtype(xs[0].dtype))
+
+
+def _register_gradients():
+    @tf.RegisterGradient("Lbe>BatchEntropy")
+    def _batch_entropy_grad(op, grad_entropy, grad_mean, grad_variance):
+        x = op.inputs[0]
+        _, mean, variance = op.outputs
+        return _loader.op_module().lbe_batch_entropy_grad(
+            x, mean, variance, grad_entropy,
+            _zeros_if_none(grad_mean, mean), _zeros_if_none(grad_variance, variance),
+            ddof=op.get_attr("ddof"))
+
+    @tf.RegisterGradient("Lbe>BatchEntropies")
+    def _batch_entropies_grad(op, grad_entropies, *grad_stats):
+        n = op.get_attr("N")
+        xs = list(op.inputs)
+        means = list(op.outputs[1:1 + n])
+        variances = list(op.outputs[1 + n:1 + 2 * n])
+        grad_means = [_zeros_if_none(g, m) for g, m in zip(grad_stats[:n], means)]
+        grad_variances = [_zeros_if_none(g, v) for g, v in zip(grad_stats[n:], variances)]
+        return _loader.op_module().lbe_batch_entropies_grad(
+            xs, means, variances, grad_entropies, grad_means, grad_variances,
+            ddof=op.get_attr("ddof"))
+
+
+_register_gradients()
+
+
+def batch_entropy_moments(x, ddof=1):
+    """Returns (entropy, mean, variance) of x viewed as [B, U]; differentiable in all three."""
+    ddof = _validation.check_ddof(ddof)
+    x = _validation.check_input(x, ddof)
+    if _loader.use_op():
+        entropy, mean, variance = _op_single(x, ddof)
+        return entropy, mean, variance
+    return reference.moments(x, ddof)
+
+
+def batch_entropy(x, ddof=1):
+    """The batch entropy of one activation tensor [B, d1, ...]: a differentiable scalar.
+
+    H = mean_j 0.5 * ln(pi * e * var_j + 1) over the units j (the flattened trailing
+    dimensions), with var_j the variance over the batch with `ddof` delta degrees of freedom.
+    """
+    return batch_entropy_moments(x, ddof)[0]
+
+
+def _result_dtype(xs):
+    dtypes = {x.dtype for x in xs}
+    if len(dtypes) == 1:
+        return xs[0].dtype
+    return tf.float64 if tf.float64 in dtypes else tf.float32
+
+
+def batch_entropies(xs, ddof=1):
+    """Batch entropies of a list of tensors (shapes may differ), as a vector [len(xs)].
+
+    With the op backend, all tensors of one dtype go through one Lbe>BatchEntropies op (one
+    thread-pool dispatch, one kernel launch on GPU). The vector has the tensors' dtype when they
+    share one, else float32 (float64 if any tensor is float64).
+    """
+    ddof = _validation.check_ddof(ddof)
+    xs = _validation.check_list(xs, ddof)
+    out_dtype = _result_dtype(xs)
+    if not _loader.use_op():
+        return tf.stack([tf.cast(reference.moments(x, ddof, name=f"xs[{i}]")[0], out_dtype)
+                         for i, x in enumerate(xs)])
+    groups = {}
+    for i, x in enumerate(xs):
+        groups.setdefault(x.dtype, []).append(i)
+    if len(groups) == 1:
+        return _op_group(xs, ddof)[0]
+    parts = [None] * len(xs)
+    for dtype, indices in groups.items():
+        entropies = tf.cast(_op_group([xs[i] for i in indices], ddof)[0], out_dtype)
+        for k, i in enumerate(indices):
+            parts[i] = entropies[k]
+    return tf.stack(parts)
