@@ -1,0 +1,165 @@
+// Registration of the Lbe>* ops and their shape functions.
+//
+//   Lbe>BatchEntropy(x) -> (entropy, mean, variance)           x: [B, d1, ...], U = d1 * ...
+//   Lbe>BatchEntropyGrad(x, mean, variance, grad_entropy, grad_mean, grad_variance) -> dx
+//   Lbe>BatchEntropies(xs[N]) -> (entropies[N], means[N], variances[N])
+//   Lbe>BatchEntropiesGrad(xs, means, variances, grad_entropies, grad_means, grad_variances) -> dxs
+//
+// entropy has the input type T; mean and variance ([U]) have Tstats, which must be float64 for
+// float64 inputs and float32 otherwise (the accumulation type).
+#include "tensorflow/core/framework/common_shape_fns.h"
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/shape_inference.h"
+
+namespace lbe_tf {
+namespace {
+
+using ::tensorflow::DataType;
+using ::tensorflow::shape_inference::DimensionHandle;
+using ::tensorflow::shape_inference::InferenceContext;
+using ::tensorflow::shape_inference::ShapeHandle;
+
+absl::Status CheckStatsType(InferenceContext* c) {
+  DataType t, tstats;
+  TF_RETURN_IF_ERROR(c->GetAttr("T", &t));
+  TF_RETURN_IF_ERROR(c->GetAttr("Tstats", &tstats));
+  const bool is_double = t == tensorflow::DT_DOUBLE;
+  if (is_double != (tstats == tensorflow::DT_DOUBLE)) {
+    return tensorflow::errors::InvalidArgument(
+        "Tstats must be float64 for float64 inputs and float32 for float16, bfloat16 and "
+        "float32 inputs; got T=", tensorflow::DataTypeString(t),
+        " and Tstats=", tensorflow::DataTypeString(tstats));
+  }
+  return absl::OkStatus();
+}
+
+// The units of x ([B, d1, ...]) as a [U] shape: d1 * d2 * ..., unknown if any of them is.
+absl::Status UnitsShape(InferenceContext* c, ShapeHandle x, ShapeHandle* units) {
+  TF_RETURN_IF_ERROR(c->WithRankAtLeast(x, 2, &x));
+  if (!c->RankKnown(x)) {
+    *units = c->Vector(InferenceContext::kUnknownDim);
+    return absl::OkStatus();
+  }
+  DimensionHandle product = c->MakeDim(1);
+  for (int i = 1; i < c->Rank(x); ++i) {
+    TF_RETURN_IF_ERROR(c->Multiply(product, c->Dim(x, i), &product));
+  }
+  *units = c->Vector(product);
+  return absl::OkStatus();
+}
+
+absl::Status BatchEntropyShape(InferenceContext* c) {
+  TF_RETURN_IF_ERROR(CheckStatsType(c));
+  ShapeHandle units;
+  TF_RETURN_IF_ERROR(UnitsShape(c, c->input(0), &units));
+  c->set_output(0, c->Scalar());
+  c->set_output(1, units);
+  c->set_output(2, units);
+  return absl::OkStatus();
+}
+
+absl::Status BatchEntropyGradShape(InferenceContext* c) {
+  TF_RETURN_IF_ERROR(CheckStatsType(c));
+  ShapeHandle units, merged, unused;
+  TF_RETURN_IF_ERROR(UnitsShape(c, c->input(0), &units));
+  for (int i : {1, 2, 4, 5}) {
+    TF_RETURN_IF_ERROR(c->Merge(units, c->input(i), &merged));
+  }
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 0, &unused));
+  c->set_output(0, c->input(0));
+  return absl::OkStatus();
+}
+
+absl::Status BatchEntropiesShape(InferenceContext* c) {
+  TF_RETURN_IF_ERROR(CheckStatsType(c));
+  int n;
+  TF_RETURN_IF_ERROR(c->GetAttr("N", &n));
+  c->set_output(0, c->Vector(n));
+  for (int i = 0; i < n; ++i) {
+    ShapeHandle units;
+    TF_RETURN_IF_ERROR(UnitsShape(c, c->input(i), &units));
+    c->set_output(1 + i, units);
+    c->set_output(1 + n + i, units);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status BatchEntropiesGradShape(InferenceContext* c) {
+  TF_RETURN_IF_ERROR(CheckStatsType(c));
+  int n;
+  TF_RETURN_IF_ERROR(c->GetAttr("N", &n));
+  ShapeHandle unused;
+  // Inputs: xs[0, n), means[n, 2n), variances[2n, 3n), grad_entropies 3n,
+  // grad_means[3n+1, 4n+1), grad_variances[4n+1, 5n+1).
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(3 * n), 1, &unused));
+  DimensionHandle unused_dim;
+  TF_RETURN_IF_ERROR(c->WithValue(c->Dim(c->input(3 * n), 0), n, &unused_dim));
+  for (int i = 0; i < n; ++i) {
+    ShapeHandle units, merged;
+    TF_RETURN_IF_ERROR(UnitsShape(c, c->input(i), &units));
+    for (int offset : {n, 2 * n, 3 * n + 1, 4 * n + 1}) {
+      TF_RETURN_IF_ERROR(c->Merge(units, c->input(offset + i), &merged));
+    }
+    c->set_output(i, c->input(i));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace lbe_tf
+
+REGISTER_OP("Lbe>BatchEntropy")
+    .Input("x: T")
+    .Output("entropy: T")
+    .Output("mean: Tstats")
+    .Output("variance: Tstats")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("Tstats: {float, double} = DT_FLOAT")
+    .Attr("ddof: int >= 0 = 1")
+    .SetShapeFn(lbe_tf::BatchEntropyShape)
+    .Doc(R"doc(
+Batch entropy of x viewed as [B, U]: mean over units of 0.5 * ln(pi * e * var + 1), with the
+per-unit variance over the batch (ddof delta degrees of freedom). Also returns the per-unit mean
+and variance in Tstats (float64 for float64 inputs, else float32).
+)doc");
+
+REGISTER_OP("Lbe>BatchEntropyGrad")
+    .Input("x: T")
+    .Input("mean: Tstats")
+    .Input("variance: Tstats")
+    .Input("grad_entropy: T")
+    .Input("grad_mean: Tstats")
+    .Input("grad_variance: Tstats")
+    .Output("dx: T")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("Tstats: {float, double} = DT_FLOAT")
+    .Attr("ddof: int >= 0 = 1")
+    .SetShapeFn(lbe_tf::BatchEntropyGradShape)
+    .Doc("Gradient of Lbe>BatchEntropy with respect to x, in one pass over x.");
+
+REGISTER_OP("Lbe>BatchEntropies")
+    .Input("xs: N * T")
+    .Output("entropies: T")
+    .Output("means: N * Tstats")
+    .Output("variances: N * Tstats")
+    .Attr("N: int >= 1")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("Tstats: {float, double} = DT_FLOAT")
+    .Attr("ddof: int >= 0 = 1")
+    .SetShapeFn(lbe_tf::BatchEntropiesShape)
+    .Doc("Lbe>BatchEntropy of each of N tensors (shapes may differ) in one op.");
+
+REGISTER_OP("Lbe>BatchEntropiesGrad")
+    .Input("xs: N * T")
+    .Input("means: N * Tstats")
+    .Input("variances: N * Tstats")
+    .Input("grad_entropies: T")
+    .Input("grad_means: N * Tstats")
+    .Input("grad_variances: N * Tstats")
+    .Output("dxs: N * T")
+    .Attr("N: int >= 1")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("Tstats: {float, double} = DT_FLOAT")
+    .Attr("ddof: int >= 0 = 1")
+    .SetShapeFn(lbe_tf::BatchEntropiesGradShape)
+    .Doc("Gradient of Lbe>BatchEntropies with respect to each of the N tensors.");
