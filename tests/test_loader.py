@@ -1,0 +1,173 @@
+"""Backend choice: the environment variable, use_backend, and the fallback when the library
+cannot be used (missing, not loadable, built for another TensorFlow). Each case that changes
+what the process loads runs in a fresh interpreter."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lbe_ops
+
+SNIPPET = textwrap.dedent("""
+    import json, warnings
+    warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as caught:
+        import numpy as np, tensorflow as tf, lbe_ops
+        x = tf.constant(np.random.default_rng(0).standard_normal((32, 6)), tf.float32)
+        values = [float(lbe_ops.batch_entropy(x)) for _ in range(3)]
+        values.append(float(lbe_ops.batch_entropies([x, x])[1]))
+    messages = [str(w.message) for w in caught if "lbe_ops" in str(w.message)]
+    print(json.dumps({"info": lbe_ops.backend_info(), "values": values, "warnings": messages}))
+""")
+
+
+def run_python(code, **env):
+    full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **env)
+    full_env.pop("LBE_OPS_BACKEND", None)
+    full_env.update(env)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=full_env, timeout=300)
+    return proc
+
+
+def run_snippet(**env):
+    proc = run_python(SNIPPET, **env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def expected_value():
+    import tensorflow as tf
+    x = tf.constant(np.random.default_rng(0).standard_normal((32, 6)), tf.float32)
+    return float(lbe_ops.reference.batch_entropy(x))
+
+
+def test_backend_info_reports_the_op():
+    info = lbe_ops.backend_info()
+    assert info["backend"] == "op"
+    assert info["reason"] is None
+    assert Path(info["library"]).exists()
+    import tensorflow as tf
+    assert info["built_with_tf"] == tf.__version__
+    assert isinstance(info["cuda"], bool)
+
+
+def test_default_uses_the_op_without_warnings():
+    out = run_snippet()
+    assert out["info"]["backend"] == "op"
+    assert out["warnings"] == []
+    np.testing.assert_allclose(out["values"], expected_value(), rtol=1e-5)
+
+
+def test_env_var_forces_pure_tf_silently():
+    out = run_snippet(LBE_OPS_BACKEND="tf")
+    assert out["info"]["backend"] == "tf"
+    assert "LBE_OPS_BACKEND=tf" in out["info"]["reason"]
+    assert out["warnings"] == []
+    np.testing.assert_allclose(out["values"], expected_value(), rtol=1e-6)
+
+
+def test_invalid_env_var_is_a_clear_error():
+    proc = run_python("import lbe_ops, numpy as np; lbe_ops.batch_entropy(np.ones((3, 2), 'f4'))",
+                      LBE_OPS_BACKEND="fast")
+    assert proc.returncode != 0
+    assert "LBE_OPS_BACKEND must be one of auto, op, tf, got 'fast'" in proc.stderr
+
+
+@pytest.fixture
+def broken_library(tmp_path):
+    """A library file that exists, claims the right TensorFlow, but is not a shared object."""
+    import tensorflow as tf
+    lib = tmp_path / "_lbe_ops.so"
+    lib.write_bytes(b"this is not an ELF file")
+    (tmp_path / "_build_info.json").write_text(json.dumps({"built_with_tf": tf.__version__}))
+    return lib
+
+
+@pytest.fixture
+def foreign_library(tmp_path):
+    """The real library, but labelled as built for another TensorFlow."""
+    real = Path(lbe_ops.backend_info()["library"])
+    lib = tmp_path / "_lbe_ops.so"
+    shutil.copy(real, lib)
+    (tmp_path / "_build_info.json").write_text(json.dumps({"built_with_tf": "2.19.0"}))
+    return lib
+
+
+def test_unloadable_library_falls_back_with_one_warning(broken_library):
+    out = run_snippet(LBE_OPS_LIBRARY=str(broken_library))
+    assert out["info"]["backend"] == "tf"
+    assert "loading" in out["info"]["reason"] and "failed" in out["info"]["reason"]
+    assert len(out["warnings"]) == 1, out["warnings"]
+    assert "pure-TensorFlow" in out["warnings"][0]
+    np.testing.assert_allclose(out["values"], expected_value(), rtol=1e-6)
+
+
+def test_library_for_another_tensorflow_is_not_loaded(foreign_library):
+    out = run_snippet(LBE_OPS_LIBRARY=str(foreign_library))
+    assert out["info"]["backend"] == "tf"
+    assert "built for TensorFlow 2.19.0" in out["info"]["reason"]
+    assert len(out["warnings"]) == 1
+    np.testing.assert_allclose(out["values"], expected_value(), rtol=1e-6)
+
+
+def test_missing_library_falls_back(tmp_path):
+    out = run_snippet(LBE_OPS_LIBRARY=str(tmp_path / "nope.so"))
+    assert out["info"]["backend"] == "tf"
+    assert "not found" in out["info"]["reason"]
+    assert len(out["warnings"]) == 1
+
+
+def test_forcing_the_op_with_a_broken_library_is_an_error(broken_library):
+    proc = run_python("import lbe_ops, numpy as np; lbe_ops.batch_entropy(np.ones((3, 2), 'f4'))",
+                      LBE_OPS_BACKEND="op", LBE_OPS_LIBRARY=str(broken_library))
+    assert proc.returncode != 0
+    assert "LibraryUnavailableError" in proc.stderr
+    assert "LBE_OPS_BACKEND=op" in proc.stderr
+
+
+def test_use_backend_scope():
+    import tensorflow as tf
+    x = tf.random.normal([16, 5])
+    with lbe_ops.use_backend("tf"):
+        assert lbe_ops.backend_info()["backend"] == "tf"
+
+        @tf.function
+        def traced(v):
+            return lbe_ops.batch_entropy(v)
+
+        graph = traced.get_concrete_function(x).graph
+        assert not any(op.type.startswith("Lbe>") for op in graph.get_operations())
+    assert lbe_ops.backend_info()["backend"] == "op"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with lbe_ops.use_backend("gpu"):
+            pass
+
+
+def test_results_do_not_depend_on_the_number_of_threads():
+    code = textwrap.dedent("""
+        import sys, numpy as np, tensorflow as tf
+        tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[1]))
+        import lbe_ops
+        x = tf.constant(np.random.default_rng(7).standard_normal((5000, 300)) + 3.0, tf.float32)
+        with tf.GradientTape() as t:
+            t.watch(x)
+            h = lbe_ops.batch_entropy(x)
+        g = t.gradient(h, x)
+        sys.stdout.write(np.float32(h.numpy()).tobytes().hex() + " " + str(hash(g.numpy().tobytes())))
+    """)
+    outputs = set()
+    for threads in ("1", "2", "3"):
+        proc = subprocess.run([sys.executable, "-c", code, threads], capture_output=True,
+                              text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+                                                  PYTHONHASHSEED="0"), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outputs.add(proc.stdout.strip().splitlines()[-1])
+    assert len(outputs) == 1, outputs

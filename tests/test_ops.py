@@ -1,0 +1,244 @@
+"""batch_entropy / batch_entropies against a float64 numpy reference, on both backends."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import lbe_ops
+from conftest import np_entropy, np_entropy_grad, np_moments
+
+DTYPES = [tf.float16, tf.bfloat16, tf.float32, tf.float64]
+BACKENDS = ["op", "tf"]
+SHAPES = [(2, 1), (3, 5), (17, 3, 4), (64, 257), (4097, 33), (5, 100003), (8, 6, 6, 5),
+          (33, 4, 4, 16), (1030, 513)]
+
+# Relative tolerances of the entropy, and of dx measured against max |dx|. Half and bfloat16
+# results are rounded to their own precision; float32 loses about eps * offset / std in the mean.
+ENTROPY_RTOL = {tf.float16: 2e-3, tf.bfloat16: 1e-2, tf.float32: 2e-5, tf.float64: 1e-12}
+GRAD_RTOL = {tf.float16: 3e-3, tf.bfloat16: 2e-2, tf.float32: 2e-5, tf.float64: 1e-11}
+OFFSET_GRAD_RTOL = {tf.float16: 3e-3, tf.bfloat16: 2e-2, tf.float32: 5e-3, tf.float64: 1e-9}
+
+
+def make_input(rng, shape, dtype, offset_in_stds=0.0):
+    """Random activations in dtype, and the same values in float64 (what the reference sees)."""
+    scale = rng.uniform(0.1, 10.0)
+    if dtype == tf.float16 and offset_in_stds:
+        scale = min(scale, 60000.0 / (2.0 * (offset_in_stds + 8.0)))  # stay inside float16's range
+    data = rng.standard_normal(shape) * scale + offset_in_stds * scale
+    # A few ReLU-like zeros and a spread of per-unit scales, as real activations have.
+    data *= rng.uniform(0.2, 2.0, size=(1,) + tuple(shape[1:]))
+    x = tf.cast(tf.constant(data, tf.float64), dtype)
+    return x, tf.cast(x, tf.float64).numpy()
+
+
+def entropy_and_grad(x, ddof, fn=lbe_ops.batch_entropy):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        h = fn(x, ddof=ddof)
+    return h, tape.gradient(h, x)
+
+
+def assert_grad_close(grad, ref, rtol):
+    # float16 gradients of wide layers are subnormal: allow its smallest spacing, 2**-24.
+    atol = 2.0 ** -24 if grad.dtype == tf.float16 else 0.0
+    grad = tf.cast(grad, tf.float64).numpy()
+    scale = max(np.abs(ref).max(), 1e-30)
+    err = max(np.abs(grad - ref).max() - atol, 0.0) / scale
+    assert np.all(np.isfinite(grad))
+    assert err <= rtol, f"max |dx - ref| / max |ref| = {err:.3g} > {rtol:.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_value_and_gradient_match_float64_reference(rng, backend, dtype, shape):
+    ddof = int(rng.integers(0, 2))
+    x, x64 = make_input(rng, shape, dtype)
+    with lbe_ops.use_backend(backend):
+        h, grad = entropy_and_grad(x, ddof)
+    assert h.dtype == dtype and h.shape == ()
+    np.testing.assert_allclose(float(tf.cast(h, tf.float64)), np_entropy(x64, ddof),
+                               rtol=ENTROPY_RTOL[dtype], atol=1e-6 if dtype != tf.float64 else 0)
+    assert grad.dtype == dtype and grad.shape == x.shape
+    assert_grad_close(grad, np_entropy_grad(x64, ddof), GRAD_RTOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("ddof", [0, 1])
+def test_large_offset_stays_accurate(rng, backend, dtype, ddof):
+    x, x64 = make_input(rng, (300, 70), dtype, offset_in_stds=1e4)
+    with lbe_ops.use_backend(backend):
+        h, grad = entropy_and_grad(x, ddof)
+    np.testing.assert_allclose(float(tf.cast(h, tf.float64)), np_entropy(x64, ddof),
+                               rtol=ENTROPY_RTOL[dtype], atol=1e-6 if dtype != tf.float64 else 0)
+    assert_grad_close(grad, np_entropy_grad(x64, ddof), OFFSET_GRAD_RTOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moments_outputs(rng, backend):
+    x, x64 = make_input(rng, (50, 3, 7), tf.float32)
+    with lbe_ops.use_backend(backend):
+        h, mean, var = lbe_ops.batch_entropy_moments(x, ddof=1)
+    ref_h, ref_mean, ref_var = np_moments(x64, 1)
+    assert mean.dtype == tf.float32 and mean.shape == (21,)
+    np.testing.assert_allclose(mean.numpy(), ref_mean, rtol=1e-5, atol=1e-5 * np.abs(ref_mean).max())
+    np.testing.assert_allclose(var.numpy(), ref_var, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_through_mean_and_variance_outputs(rng, backend):
+    """The gradient op also carries gradients that flow into the mean and variance outputs."""
+    x, _ = make_input(rng, (20, 9), tf.float64)
+    w_mean = tf.constant(rng.standard_normal(9))
+    w_var = tf.constant(rng.standard_normal(9))
+
+    def loss(v):
+        h, mean, var = lbe_ops.batch_entropy_moments(v, ddof=1)
+        return 3.0 * h + tf.reduce_sum(w_mean * mean) + tf.reduce_sum(w_var * var)
+
+    with lbe_ops.use_backend(backend):
+        theoretical, numerical = tf.test.compute_gradient(loss, [x])
+    np.testing.assert_allclose(theoretical[0], numerical[0], rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ddof", [0, 1])
+@pytest.mark.parametrize("shape", [(4, 3), (7, 2, 3), (3, 1)], ids=str)
+def test_numerical_gradient_float64(rng, backend, ddof, shape):
+    x, _ = make_input(rng, shape, tf.float64)
+    with lbe_ops.use_backend(backend):
+        theoretical, numerical = tf.test.compute_gradient(
+            lambda v: lbe_ops.batch_entropy(v, ddof=ddof), [x])
+    np.testing.assert_allclose(theoretical[0], numerical[0], rtol=2e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numerical_gradient_grouped_float64(rng, backend):
+    xs = [make_input(rng, s, tf.float64)[0] for s in [(5, 3), (5, 2, 2), (9, 1)]]
+    weights = tf.constant([0.5, -1.0, 2.0], tf.float64)
+    with lbe_ops.use_backend(backend):
+        theoretical, numerical = tf.test.compute_gradient(
+            lambda a, b, c: tf.reduce_sum(weights * lbe_ops.batch_entropies([a, b, c])), xs)
+    for t, n in zip(theoretical, numerical):
+        np.testing.assert_allclose(t, n, rtol=2e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+def test_grouped_matches_single_and_reference(rng, dtype):
+    shapes = [(32, 64), (32, 5, 5, 3), (129, 1), (7, 1000), (2, 3)]
+    xs, x64s = zip(*[make_input(rng, s, dtype) for s in shapes])
+    with tf.GradientTape() as tape:
+        tape.watch(xs)
+        hs = lbe_ops.batch_entropies(list(xs))
+        total = tf.reduce_sum(tf.cast(hs, tf.float32) * tf.range(1.0, 6.0))
+    grads = tape.gradient(total, xs)
+    assert hs.shape == (5,) and hs.dtype == dtype
+    for i, (x, x64, g) in enumerate(zip(xs, x64s, grads)):
+        np.testing.assert_allclose(float(tf.cast(hs[i], tf.float64)), np_entropy(x64),
+                                   rtol=ENTROPY_RTOL[dtype], atol=1e-6)
+        single = lbe_ops.batch_entropy(x)
+        assert float(tf.cast(single, tf.float64)) == float(tf.cast(hs[i], tf.float64))
+        assert_grad_close(g, (i + 1) * np_entropy_grad(x64), GRAD_RTOL[dtype])
+
+
+def test_grouped_mixed_dtypes(rng):
+    xs = [make_input(rng, (16, 4), tf.float32)[0], make_input(rng, (16, 4), tf.float64)[0],
+          make_input(rng, (8, 3), tf.float16)[0]]
+    hs = lbe_ops.batch_entropies(xs)
+    assert hs.dtype == tf.float64
+    ref = lbe_ops.reference.batch_entropies(xs)
+    np.testing.assert_allclose(hs.numpy(), ref.numpy(), rtol=2e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_op_and_reference_agree_in_graph_mode(rng, backend):
+    x, x64 = make_input(rng, (128, 48), tf.float32)
+
+    @tf.function
+    def step(v):
+        return entropy_and_grad(v, 1)
+
+    with lbe_ops.use_backend(backend):
+        h, grad = step(x)
+    np.testing.assert_allclose(float(h), np_entropy(x64), rtol=2e-5)
+    assert_grad_close(grad, np_entropy_grad(x64), 2e-5)
+
+
+def test_graph_uses_the_op_and_xla_uses_the_composition(rng):
+    x, x64 = make_input(rng, (32, 10), tf.float32)
+
+    def step(v):
+        return entropy_and_grad(v, 1)
+
+    graph_fn = tf.function(step)
+    xla_fn = tf.function(step, jit_compile=True)
+    op_types = {op.type for op in graph_fn.get_concrete_function(x).graph.get_operations()}
+    assert {"Lbe>BatchEntropy", "Lbe>BatchEntropyGrad"} <= op_types
+    xla_types = {op.type for op in xla_fn.get_concrete_function(x).graph.get_operations()}
+    assert not any(t.startswith("Lbe>") for t in xla_types)
+    h_graph, g_graph = graph_fn(x)
+    h_xla, g_xla = xla_fn(x)
+    np.testing.assert_allclose(float(h_xla), float(h_graph), rtol=1e-5)
+    np.testing.assert_allclose(g_xla.numpy(), g_graph.numpy(), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float16, tf.float64], ids=lambda d: d.name)
+def test_dead_units_have_zero_finite_gradient(rng, mode, dtype):
+    live = rng.standard_normal((16, 5))
+    data = np.concatenate([live, np.zeros((16, 3)), np.full((16, 2), 7.5)], axis=1)
+    x = tf.constant(data, dtype)
+    fn = {"eager": lambda v: entropy_and_grad(v, 1),
+          "graph": tf.function(lambda v: entropy_and_grad(v, 1)),
+          "xla": tf.function(lambda v: entropy_and_grad(v, 1), jit_compile=True)}[mode]
+    h, grad = fn(x)
+    grad = tf.cast(grad, tf.float64).numpy()
+    assert np.isfinite(float(tf.cast(h, tf.float64)))
+    assert np.all(np.isfinite(grad))
+    assert np.all(grad[:, 5:] == 0.0)
+    assert np.abs(grad[:, :5]).max() > 0
+
+
+def test_all_dead_layer(rng):
+    x = tf.zeros([8, 4, 4])
+    h, grad = entropy_and_grad(x, 1)
+    assert float(h) == 0.0 and np.all(grad.numpy() == 0.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+def test_bitwise_repeatable(rng, dtype):
+    x, _ = make_input(rng, (3000, 700), dtype)
+    runs = [entropy_and_grad(x, 1) for _ in range(4)]
+    first_h, first_g = runs[0]
+    for h, g in runs[1:]:
+        assert tf.bitcast(h, tf.uint16 if dtype.size == 2 else
+                          (tf.uint32 if dtype.size == 4 else tf.uint64)).numpy() == \
+            tf.bitcast(first_h, tf.uint16 if dtype.size == 2 else
+                       (tf.uint32 if dtype.size == 4 else tf.uint64)).numpy()
+        assert np.array_equal(tf.cast(g, tf.float64).numpy(), tf.cast(first_g, tf.float64).numpy())
+
+
+def test_nan_and_inf_propagate_like_the_reference():
+    data = np.random.default_rng(0).standard_normal((10, 4))
+    data[3, 1] = np.nan
+    data[5, 2] = np.inf
+    x = tf.constant(data, tf.float32)
+    h_op, g_op = entropy_and_grad(x, 1)
+    with lbe_ops.use_backend("tf"):
+        h_ref, g_ref = entropy_and_grad(x, 1)
+    assert np.isnan(float(h_op)) and np.isnan(float(h_ref))
+    # Units 1 and 2 are NaN in both; the clean units keep finite, equal gradients.
+    np.testing.assert_array_equal(np.isnan(g_op.numpy()), np.isnan(g_ref.numpy()))
+
+
+def test_static_shapes_are_inferred():
+    @tf.function(input_signature=[tf.TensorSpec([None, 4, 5], tf.float32)])
+    def fn(x):
+        h, mean, var = lbe_ops.batch_entropy_moments(x)
+        assert h.shape == () and mean.shape == (20,) and var.shape == (20,)
+        hs = lbe_ops.batch_entropies([x, x[:, 0]])
+        assert hs.shape == (2,)
+        return h
+
+    fn(tf.ones([3, 4, 5]))
