@@ -60,6 +60,22 @@ inline absl::Status CheckStats(const tensorflow::Tensor& t, const std::string& n
   return absl::OkStatus();
 }
 
+// A gradient for a statistic: [units], or [0] when none reached it (then *data is null).
+inline absl::Status CheckOptionalStats(const tensorflow::Tensor& t, const std::string& name,
+                                       int64_t units, const void** data) {
+  if (t.dims() == 1 && t.dim_size(0) == 0) {
+    *data = nullptr;
+    return absl::OkStatus();
+  }
+  if (t.dims() != 1 || t.dim_size(0) != units) {
+    return tensorflow::errors::InvalidArgument(name, " must have shape [", units,
+                                               "] (or [0] for no gradient), got ",
+                                               t.shape().DebugString());
+  }
+  *data = t.data();
+  return absl::OkStatus();
+}
+
 inline std::string Indexed(const char* name, bool grouped, int i) {
   return grouped ? std::string(name) + "[" + std::to_string(i) + "]" : std::string(name);
 }
@@ -145,15 +161,13 @@ class BatchEntropyGradOp : public tensorflow::OpKernel {
       OP_REQUIRES_OK(ctx, CheckActivation(xs[i], x_name, ddof_, &batch[i], &units[i]));
       OP_REQUIRES_OK(ctx, CheckStats(means[i], Indexed(kGrouped ? "means" : "mean", kGrouped, i), units[i]));
       OP_REQUIRES_OK(ctx, CheckStats(variances[i], Indexed(kGrouped ? "variances" : "variance", kGrouped, i), units[i]));
-      OP_REQUIRES_OK(ctx, CheckStats(grad_means[i], Indexed(kGrouped ? "grad_means" : "grad_mean", kGrouped, i), units[i]));
-      OP_REQUIRES_OK(ctx, CheckStats(grad_variances[i], Indexed(kGrouped ? "grad_variances" : "grad_variance", kGrouped, i), units[i]));
+      OP_REQUIRES_OK(ctx, CheckOptionalStats(grad_means[i], Indexed(kGrouped ? "grad_means" : "grad_mean", kGrouped, i), units[i], &gmean_ptrs[i]));
+      OP_REQUIRES_OK(ctx, CheckOptionalStats(grad_variances[i], Indexed(kGrouped ? "grad_variances" : "grad_variance", kGrouped, i), units[i], &gvar_ptrs[i]));
       tensorflow::Tensor* dx = nullptr;
       OP_REQUIRES_OK(ctx, ctx->allocate_output(i, xs[i].shape(), &dx));
       x_ptrs[i] = xs[i].data();
       mean_ptrs[i] = means[i].data();
       var_ptrs[i] = variances[i].data();
-      gmean_ptrs[i] = grad_means[i].data();
-      gvar_ptrs[i] = grad_variances[i].data();
       dx_ptrs[i] = dx->data();
     }
     lbe::BackwardArgs args;

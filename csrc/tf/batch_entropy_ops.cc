@@ -62,8 +62,12 @@ absl::Status BatchEntropyGradShape(InferenceContext* c) {
   TF_RETURN_IF_ERROR(CheckStatsType(c));
   ShapeHandle units, merged, unused;
   TF_RETURN_IF_ERROR(UnitsShape(c, c->input(0), &units));
-  for (int i : {1, 2, 4, 5}) {
+  for (int i : {1, 2}) {
     TF_RETURN_IF_ERROR(c->Merge(units, c->input(i), &merged));
+  }
+  // grad_mean and grad_variance are [U], or [0] when no gradient reached that output.
+  for (int i : {4, 5}) {
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(i), 1, &unused));
   }
   TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 0, &unused));
   c->set_output(0, c->input(0));
@@ -97,8 +101,11 @@ absl::Status BatchEntropiesGradShape(InferenceContext* c) {
   for (int i = 0; i < n; ++i) {
     ShapeHandle units, merged;
     TF_RETURN_IF_ERROR(UnitsShape(c, c->input(i), &units));
-    for (int offset : {n, 2 * n, 3 * n + 1, 4 * n + 1}) {
+    for (int offset : {n, 2 * n}) {
       TF_RETURN_IF_ERROR(c->Merge(units, c->input(offset + i), &merged));
+    }
+    for (int offset : {3 * n + 1, 4 * n + 1}) {  // [U], or [0]: no gradient
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(offset + i), 1, &unused));
     }
     c->set_output(i, c->input(i));
   }
@@ -128,8 +135,8 @@ REGISTER_OP("Lbe>BatchEntropyGrad")
     .Input("mean: Tstats")
     .Input("variance: Tstats")
     .Input("grad_entropy: T")
-    .Input("grad_mean: Tstats")
-    .Input("grad_variance: Tstats")
+    .Input("grad_mean: Tstats")      // [U], or [0] for none
+    .Input("grad_variance: Tstats")  // [U], or [0] for none
     .Output("dx: T")
     .Attr("T: {half, bfloat16, float, double}")
     .Attr("Tstats: {float, double} = DT_FLOAT")
