@@ -25,8 +25,6 @@ def check_ddof(ddof):
 
 def check_input(x, ddof, name="x"):
     """Converts x to a tensor and checks what is statically known about it."""
-    if not isinstance(x, (tf.Tensor, tf.Variable)) and not hasattr(x, "dtype"):
-        x = tf.convert_to_tensor(x)
     x = tf.convert_to_tensor(x)
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
@@ -48,8 +46,7 @@ def check_input(x, ddof, name="x"):
 
 
 def check_list(xs, ddof, name="xs"):
-    if isinstance(xs, (tf.Tensor, tf.Variable)) or hasattr(xs, "shape") and not isinstance(
-            xs, (list, tuple)):
+    if not isinstance(xs, (list, tuple)):
         raise TypeError(f"{name} must be a list or tuple of tensors, got {type(xs).__name__}")
     xs = list(xs)
     if not xs:
