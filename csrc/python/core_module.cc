@@ -1,0 +1,781 @@
+// lbe_ops._core: the framework-free core on numpy arrays (CPU) and on device arrays of any
+// library with __cuda_array_interface__ (CUDA), for tests and benchmarks without TensorFlow.
+// This file only checks its inputs, fills the core's descriptors and dispatches.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "batch_entropy_common.h"
+#include "batch_entropy_cpu.h"
+#include "batch_entropy_cuda_emulation.h"
+#include "batch_entropy_cuda_plan.h"
+#if defined(LBE_OPS_HAVE_CUDA)
+#include <cuda_runtime_api.h>
+
+#include "batch_entropy_cuda.h"
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+std::string Indexed(const std::string& name, size_t i) { return name + "[" + std::to_string(i) + "]"; }
+
+// ---------------------------------------------------------------------------------------------
+// dtypes
+// ---------------------------------------------------------------------------------------------
+py::object BFloat16Type() {
+  try {
+    return py::module_::import("ml_dtypes").attr("bfloat16");
+  } catch (py::error_already_set&) {
+    return py::none();
+  }
+}
+
+py::dtype NumpyDType(lbe::DType dtype) {
+  switch (dtype) {
+    case lbe::DType::kFloat16: return py::dtype("float16");
+    case lbe::DType::kFloat32: return py::dtype("float32");
+    case lbe::DType::kFloat64: return py::dtype("float64");
+    case lbe::DType::kBFloat16: {
+      py::object bf16 = BFloat16Type();
+      if (bf16.is_none()) throw py::type_error("bfloat16 needs the ml_dtypes package");
+      return py::dtype::from_args(bf16);
+    }
+  }
+  throw py::type_error("unknown dtype");
+}
+
+py::dtype StatsDType(lbe::DType dtype) { return py::dtype(dtype == lbe::DType::kFloat64 ? "float64" : "float32"); }
+
+std::optional<lbe::DType> CoreDType(const py::dtype& dt) {
+  const std::string name = py::str(dt.attr("name"));
+  if (name == "float16") return lbe::DType::kFloat16;
+  if (name == "float32") return lbe::DType::kFloat32;
+  if (name == "float64") return lbe::DType::kFloat64;
+  if (name == "bfloat16") return lbe::DType::kBFloat16;
+  return std::nullopt;
+}
+
+std::optional<lbe::DType> DTypeFromName(const std::string& name) {
+  if (name == "float16" || name == "half") return lbe::DType::kFloat16;
+  if (name == "bfloat16") return lbe::DType::kBFloat16;
+  if (name == "float32" || name == "float") return lbe::DType::kFloat32;
+  if (name == "float64" || name == "double") return lbe::DType::kFloat64;
+  return std::nullopt;
+}
+
+// A list or tuple of n entries (a bare array is refused: iterating it would give its rows).
+py::sequence CheckList(py::handle obj, const std::string& name, std::optional<size_t> n) {
+  if (!py::isinstance<py::list>(obj) && !py::isinstance<py::tuple>(obj))
+    throw py::type_error(name + " must be a list or tuple of arrays, got " +
+                         std::string(py::str(py::type::of(obj).attr("__name__"))));
+  py::sequence seq = py::reinterpret_borrow<py::sequence>(obj);
+  if (n && seq.size() != *n)
+    throw py::value_error(name + " must have " + std::to_string(*n) + " entries (one per tensor), got " +
+                          std::to_string(seq.size()));
+  return seq;
+}
+
+int64_t CheckDdof(int64_t ddof) {
+  if (ddof < 0) throw py::value_error("ddof must be non-negative, got " + std::to_string(ddof));
+  return ddof;
+}
+
+std::string ShapeString(const std::vector<int64_t>& shape) {
+  std::string s = "(";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + (shape.size() == 1 ? ",)" : ")");
+}
+
+// [batch, units] of an activation of this shape, or a ValueError naming it.
+void BatchUnits(const std::vector<int64_t>& shape, const std::string& name, int64_t ddof, int64_t* batch,
+                int64_t* units) {
+  if (shape.size() < 2)
+    throw py::value_error(name + " must have rank >= 2 ([batch, units...]), got shape " + ShapeString(shape));
+  *batch = shape[0];
+  int64_t u = 1;
+  for (size_t i = 1; i < shape.size(); ++i) u *= shape[i];
+  *units = u;
+  if (*batch <= ddof)
+    throw py::value_error(name + " has a batch of " + std::to_string(*batch) + ", but batch entropy with ddof=" +
+                          std::to_string(ddof) + " needs a batch of at least " + std::to_string(ddof + 1) +
+                          " (shape " + ShapeString(shape) + ")");
+  if (u == 0) throw py::value_error(name + " has zero units (shape " + ShapeString(shape) + ")");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host (numpy) arrays
+// ---------------------------------------------------------------------------------------------
+py::array Contiguous(py::handle obj, const std::string& name, std::optional<py::dtype> dtype = std::nullopt) {
+  py::module_ np = py::module_::import("numpy");
+  try {
+    if (dtype) return np.attr("ascontiguousarray")(obj, py::arg("dtype") = *dtype);
+    return np.attr("ascontiguousarray")(obj);
+  } catch (py::error_already_set& e) {
+    throw py::type_error(name + " cannot be read as an array" +
+                         (dtype ? " of " + std::string(py::str(*dtype)) : std::string()) + ": " + e.what());
+  }
+}
+
+std::vector<int64_t> ShapeOf(const py::array& a) {
+  return std::vector<int64_t>(a.shape(), a.shape() + a.ndim());
+}
+
+struct HostInputs {
+  lbe::DType dtype = lbe::DType::kFloat32;
+  std::vector<py::array> xs;
+  std::vector<int64_t> batch, units;
+  std::vector<const void*> x_ptrs;
+};
+
+HostInputs ReadHostActivations(py::handle xs_obj, int64_t ddof) {
+  py::sequence seq = CheckList(xs_obj, "xs", std::nullopt);
+  if (seq.size() == 0) throw py::value_error("xs must not be empty");
+  HostInputs in;
+  for (size_t i = 0; i < seq.size(); ++i) {
+    const std::string name = Indexed("xs", i);
+    py::array a = Contiguous(seq[i], name);
+    const std::optional<lbe::DType> dt = CoreDType(a.dtype());
+    if (!dt)
+      throw py::type_error(name + " has dtype " + std::string(py::str(a.dtype())) +
+                           "; expected float16, bfloat16, float32 or float64");
+    if (i == 0) in.dtype = *dt;
+    else if (*dt != in.dtype)
+      throw py::type_error(name + " has dtype " + std::string(py::str(a.dtype())) + " but xs[0] has " +
+                           lbe::DTypeName(in.dtype) + "; all tensors of a group share one dtype");
+    int64_t b = 0, u = 0;
+    BatchUnits(ShapeOf(a), name, ddof, &b, &u);
+    in.batch.push_back(b);
+    in.units.push_back(u);
+    in.x_ptrs.push_back(a.data());
+    in.xs.push_back(std::move(a));
+  }
+  return in;
+}
+
+py::array StatsArray(py::handle obj, const std::string& name, lbe::DType dtype, int64_t units) {
+  py::array a = Contiguous(obj, name, StatsDType(dtype));
+  if (a.size() != units)
+    throw py::value_error(name + " has " + std::to_string(a.size()) + " elements; expected " +
+                          std::to_string(units) + " (one per unit)");
+  return a;
+}
+
+// Optional per-tensor statistics (None, or a list whose entries may be None).
+std::vector<py::array> OptionalStats(py::handle obj, const std::string& name, const HostInputs& in,
+                                     std::vector<const void*>* ptrs) {
+  std::vector<py::array> arrays;
+  ptrs->assign(in.xs.size(), nullptr);
+  if (obj.is_none()) return arrays;
+  py::sequence seq = CheckList(obj, name, in.xs.size());
+  for (size_t i = 0; i < in.xs.size(); ++i) {
+    if (seq[i].is_none()) continue;
+    arrays.push_back(StatsArray(seq[i], Indexed(name, i), in.dtype, in.units[i]));
+    (*ptrs)[i] = arrays.back().data();
+  }
+  return arrays;
+}
+
+py::tuple HostForward(py::handle xs_obj, int64_t ddof, const std::function<std::string(const lbe::ForwardArgs&)>& run) {
+  CheckDdof(ddof);
+  HostInputs in = ReadHostActivations(xs_obj, ddof);
+  const size_t n = in.xs.size();
+  py::array entropies(NumpyDType(in.dtype), std::vector<py::ssize_t>{static_cast<py::ssize_t>(n)});
+  py::list means, variances;
+  std::vector<void*> mean_ptrs(n), var_ptrs(n);
+  for (size_t i = 0; i < n; ++i) {
+    std::vector<py::ssize_t> shape(in.xs[i].shape() + 1, in.xs[i].shape() + in.xs[i].ndim());
+    py::array m(StatsDType(in.dtype), shape), v(StatsDType(in.dtype), shape);
+    mean_ptrs[i] = m.mutable_data();
+    var_ptrs[i] = v.mutable_data();
+    means.append(m);
+    variances.append(v);
+  }
+  lbe::ForwardArgs args;
+  args.dtype = in.dtype;
+  args.ddof = ddof;
+  args.num_tensors = static_cast<int64_t>(n);
+  args.x = in.x_ptrs.data();
+  args.batch = in.batch.data();
+  args.units = in.units.data();
+  args.mean = mean_ptrs.data();
+  args.variance = var_ptrs.data();
+  args.entropy = entropies.mutable_data();
+  std::string error;
+  {
+    py::gil_scoped_release release;
+    error = run(args);
+  }
+  if (!error.empty()) throw py::value_error(error);
+  return py::make_tuple(entropies, means, variances);
+}
+
+py::list HostBackward(py::handle xs_obj, py::handle means_obj, py::handle vars_obj, py::handle grad_entropies_obj,
+                      py::handle grad_means_obj, py::handle grad_vars_obj, int64_t ddof,
+                      const std::function<std::string(const lbe::BackwardArgs&)>& run) {
+  CheckDdof(ddof);
+  HostInputs in = ReadHostActivations(xs_obj, ddof);
+  const size_t n = in.xs.size();
+  py::sequence means_seq = CheckList(means_obj, "means", n);
+  py::sequence vars_seq = CheckList(vars_obj, "variances", n);
+  std::vector<py::array> keep;
+  std::vector<const void*> mean_ptrs(n), var_ptrs(n), gmean_ptrs, gvar_ptrs;
+  for (size_t i = 0; i < n; ++i) {
+    keep.push_back(StatsArray(means_seq[i], Indexed("means", i), in.dtype, in.units[i]));
+    mean_ptrs[i] = keep.back().data();
+    keep.push_back(StatsArray(vars_seq[i], Indexed("variances", i), in.dtype, in.units[i]));
+    var_ptrs[i] = keep.back().data();
+  }
+  py::array grad_entropies = Contiguous(grad_entropies_obj, "grad_entropies", NumpyDType(in.dtype));
+  if (grad_entropies.size() != static_cast<py::ssize_t>(n))
+    throw py::value_error("grad_entropies has " + std::to_string(grad_entropies.size()) + " elements; expected " +
+                          std::to_string(n) + " (one per tensor)");
+  std::vector<py::array> gm = OptionalStats(grad_means_obj, "grad_means", in, &gmean_ptrs);
+  std::vector<py::array> gv = OptionalStats(grad_vars_obj, "grad_variances", in, &gvar_ptrs);
+  py::list dxs;
+  std::vector<void*> dx_ptrs(n);
+  for (size_t i = 0; i < n; ++i) {
+    py::array dx(in.xs[i].dtype(), std::vector<py::ssize_t>(in.xs[i].shape(), in.xs[i].shape() + in.xs[i].ndim()));
+    dx_ptrs[i] = dx.mutable_data();
+    dxs.append(dx);
+  }
+  lbe::BackwardArgs args;
+  args.dtype = in.dtype;
+  args.ddof = ddof;
+  args.num_tensors = static_cast<int64_t>(n);
+  args.x = in.x_ptrs.data();
+  args.batch = in.batch.data();
+  args.units = in.units.data();
+  args.mean = mean_ptrs.data();
+  args.variance = var_ptrs.data();
+  args.grad_entropy = grad_entropies.data();
+  args.grad_mean = gmean_ptrs.data();
+  args.grad_variance = gvar_ptrs.data();
+  args.dx = dx_ptrs.data();
+  std::string error;
+  {
+    py::gil_scoped_release release;
+    error = run(args);
+  }
+  if (!error.empty()) throw py::value_error(error);
+  return dxs;
+}
+
+lbe::cuda::emulation::Options EmulationOptions(int block_order, uint64_t seed) {
+  if (block_order < 0 || block_order > 2)
+    throw py::value_error("block_order must be 0 (ascending), 1 (descending) or 2 (shuffled)");
+  lbe::cuda::emulation::Options options;
+  options.block_order = block_order;
+  options.seed = seed;
+  return options;
+}
+
+py::dict ReportDict(const lbe::cuda::emulation::Report& r) {
+  py::dict d;
+  d["workspace_bytes"] = r.workspace_bytes;
+  d["num_items"] = r.num_items;
+  d["kernel_launches"] = r.kernel_launches;
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device arrays (__cuda_array_interface__)
+// ---------------------------------------------------------------------------------------------
+struct DeviceArray {
+  uintptr_t ptr = 0;
+  std::vector<int64_t> shape;
+  int64_t size = 1;
+  int itemsize = 0;
+  char kind = 0;
+  bool readonly = false;
+};
+
+DeviceArray ReadDeviceArray(py::handle obj, const std::string& name) {
+  py::object cai;
+  if (py::isinstance<py::dict>(obj)) {
+    cai = py::reinterpret_borrow<py::object>(obj);
+  } else if (py::hasattr(obj, "__cuda_array_interface__")) {
+    try {
+      cai = obj.attr("__cuda_array_interface__");
+    } catch (py::error_already_set& e) {
+      throw py::type_error(name + ": its __cuda_array_interface__ failed (" + std::string(e.what()) +
+                           "); for bfloat16 tensors pass a dict with the interface's keys and dtype='bfloat16'");
+    }
+  } else {
+    throw py::type_error(name + " must be a device array with __cuda_array_interface__ (CuPy, PyTorch, ...), got " +
+                         std::string(py::str(py::type::of(obj).attr("__name__"))));
+  }
+  py::dict d = py::reinterpret_borrow<py::dict>(cai);
+  if (!d.contains("shape") || !d.contains("typestr") || !d.contains("data"))
+    throw py::type_error(name + ": __cuda_array_interface__ lacks shape, typestr or data");
+  DeviceArray a;
+  for (py::handle s : py::reinterpret_borrow<py::sequence>(d["shape"])) {
+    a.shape.push_back(s.cast<int64_t>());
+    a.size *= a.shape.back();
+  }
+  const std::string typestr = py::str(d["typestr"]);
+  if (typestr.size() < 3 || (typestr[0] != '<' && typestr[0] != '|' && typestr[0] != '='))
+    throw py::type_error(name + ": unsupported typestr '" + typestr + "' (little-endian types only)");
+  a.kind = typestr[1];
+  a.itemsize = std::stoi(typestr.substr(2));
+  py::tuple data = py::reinterpret_borrow<py::tuple>(d["data"]);
+  a.ptr = data[0].is_none() ? 0 : data[0].cast<uintptr_t>();
+  a.readonly = data[1].cast<bool>();
+  if (d.contains("mask") && !d["mask"].is_none()) throw py::value_error(name + ": masked arrays are not supported");
+  if (d.contains("strides") && !d["strides"].is_none()) {
+    std::vector<int64_t> strides;
+    for (py::handle s : py::reinterpret_borrow<py::sequence>(d["strides"])) strides.push_back(s.cast<int64_t>());
+    int64_t expected = a.itemsize;
+    for (size_t i = a.shape.size(); i-- > 0;) {
+      if (a.shape[i] != 1 && strides[i] != expected)
+        throw py::value_error(name + " must be C-contiguous (got strides that are not)");
+      expected *= a.shape[i];
+    }
+  }
+  if (a.ptr == 0 && a.size > 0) throw py::value_error(name + " has a null data pointer");
+  return a;
+}
+
+lbe::DType DeviceDType(const DeviceArray& a, const std::string& name, const std::optional<std::string>& override) {
+  if (override) {
+    const std::optional<lbe::DType> dt = DTypeFromName(*override);
+    if (!dt) throw py::value_error("dtype must be float16, bfloat16, float32 or float64, got '" + *override + "'");
+    if (a.itemsize != lbe::DTypeSize(*dt))
+      throw py::type_error(name + " has " + std::to_string(a.itemsize) + "-byte elements; dtype=" + *override +
+                           " needs " + std::to_string(lbe::DTypeSize(*dt)));
+    return *dt;
+  }
+  if (a.kind == 'f' && a.itemsize == 2) return lbe::DType::kFloat16;
+  if (a.kind == 'f' && a.itemsize == 4) return lbe::DType::kFloat32;
+  if (a.kind == 'f' && a.itemsize == 8) return lbe::DType::kFloat64;
+  throw py::type_error(name + " has typestr kind '" + std::string(1, a.kind) + "' and " +
+                       std::to_string(a.itemsize) + "-byte elements; expected float16, float32 or float64 "
+                       "(bfloat16: pass dtype='bfloat16')");
+}
+
+void CheckDevice(const DeviceArray& a, const std::string& name, lbe::DType dtype, bool stats, int64_t size,
+                 bool writable) {
+  const int want = stats ? lbe::StatsSize(dtype) : lbe::DTypeSize(dtype);
+  if (a.itemsize != want || (a.kind != 'f' && !(dtype == lbe::DType::kBFloat16 && !stats)))
+    throw py::type_error(name + " must hold " +
+                         (stats ? std::string(dtype == lbe::DType::kFloat64 ? "float64" : "float32")
+                                : std::string(lbe::DTypeName(dtype))) +
+                         " elements");
+  if (a.size != size)
+    throw py::value_error(name + " has " + std::to_string(a.size) + " elements; expected " + std::to_string(size));
+  if (writable && a.readonly) throw py::value_error(name + " is read-only");
+}
+
+struct DeviceInputs {
+  lbe::DType dtype = lbe::DType::kFloat32;
+  std::vector<int64_t> batch, units;
+  std::vector<const void*> x_ptrs;
+};
+
+DeviceInputs ReadDeviceActivations(py::handle xs_obj, int64_t ddof, const std::optional<std::string>& dtype) {
+  py::sequence seq = CheckList(xs_obj, "xs", std::nullopt);
+  if (seq.size() == 0) throw py::value_error("xs must not be empty");
+  DeviceInputs in;
+  for (size_t i = 0; i < seq.size(); ++i) {
+    const std::string name = Indexed("xs", i);
+    DeviceArray a = ReadDeviceArray(seq[i], name);
+    const lbe::DType dt = DeviceDType(a, name, dtype);
+    if (i == 0) in.dtype = dt;
+    else if (dt != in.dtype)
+      throw py::type_error(name + " is " + lbe::DTypeName(dt) + " but xs[0] is " + lbe::DTypeName(in.dtype));
+    int64_t b = 0, u = 0;
+    BatchUnits(a.shape, name, ddof, &b, &u);
+    in.batch.push_back(b);
+    in.units.push_back(u);
+    in.x_ptrs.push_back(reinterpret_cast<const void*>(a.ptr));
+  }
+  return in;
+}
+
+std::vector<void*> DeviceOutputs(py::handle obj, const std::string& name, const DeviceInputs& in, bool stats) {
+  py::sequence seq = CheckList(obj, name, in.batch.size());
+  std::vector<void*> ptrs;
+  for (size_t i = 0; i < in.batch.size(); ++i) {
+    DeviceArray a = ReadDeviceArray(seq[i], Indexed(name, i));
+    CheckDevice(a, Indexed(name, i), in.dtype, stats, stats ? in.units[i] : in.batch[i] * in.units[i], true);
+    ptrs.push_back(reinterpret_cast<void*>(a.ptr));
+  }
+  return ptrs;
+}
+
+std::vector<const void*> DeviceStatsInputs(py::handle obj, const std::string& name, const DeviceInputs& in,
+                                           bool optional) {
+  std::vector<const void*> ptrs(in.batch.size(), nullptr);
+  if (optional && obj.is_none()) return ptrs;
+  py::sequence seq = CheckList(obj, name, in.batch.size());
+  for (size_t i = 0; i < in.batch.size(); ++i) {
+    if (optional && seq[i].is_none()) continue;
+    DeviceArray a = ReadDeviceArray(seq[i], Indexed(name, i));
+    CheckDevice(a, Indexed(name, i), in.dtype, true, in.units[i], false);
+    ptrs[i] = reinterpret_cast<const void*>(a.ptr);
+  }
+  return ptrs;
+}
+
+#if defined(LBE_OPS_HAVE_CUDA)
+void ThrowCuda(cudaError_t err, const char* what) {
+  throw std::runtime_error(std::string(what) + " failed: " + cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+}
+
+// Runs `launch` with the caller's workspace, or with one from the stream-ordered allocator.
+template <typename Launch>
+void WithWorkspace(py::handle workspace_obj, size_t need, uintptr_t stream_handle, const Launch& launch) {
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  if (!workspace_obj.is_none()) {
+    DeviceArray ws = ReadDeviceArray(workspace_obj, "workspace");
+    const size_t have = static_cast<size_t>(ws.size) * static_cast<size_t>(ws.itemsize);
+    if (have < need)
+      throw py::value_error("workspace has " + std::to_string(have) + " bytes; this call needs " + std::to_string(need));
+    if (ws.ptr % 16 != 0) throw py::value_error("workspace must be 16-byte aligned");
+    cudaError_t err;
+    {
+      py::gil_scoped_release release;
+      err = launch(reinterpret_cast<void*>(ws.ptr), have, stream);
+    }
+    if (err != cudaSuccess) ThrowCuda(err, "kernel launch");
+    return;
+  }
+  void* ws = nullptr;
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = need > 0 ? cudaMallocAsync(&ws, need, stream) : cudaSuccess;
+    if (err == cudaSuccess) {
+      err = launch(ws, need, stream);
+      if (ws != nullptr) {
+        const cudaError_t free_err = cudaFreeAsync(ws, stream);
+        if (err == cudaSuccess) err = free_err;
+      }
+    }
+  }
+  if (err != cudaSuccess) ThrowCuda(err, "kernel launch");
+}
+#endif
+
+struct CudaForwardCall {
+  DeviceInputs in;
+  std::vector<void*> means, variances;
+  void* entropy = nullptr;
+  lbe::ForwardArgs args;
+};
+
+void FillForward(CudaForwardCall& c, py::handle xs, py::handle means, py::handle variances, py::handle entropies,
+                 int64_t ddof, const std::optional<std::string>& dtype) {
+  CheckDdof(ddof);
+  c.in = ReadDeviceActivations(xs, ddof, dtype);
+  c.means = DeviceOutputs(means, "means", c.in, true);
+  c.variances = DeviceOutputs(variances, "variances", c.in, true);
+  DeviceArray e = ReadDeviceArray(entropies, "entropies");
+  CheckDevice(e, "entropies", c.in.dtype, false, static_cast<int64_t>(c.in.batch.size()), true);
+  c.entropy = reinterpret_cast<void*>(e.ptr);
+  c.args.dtype = c.in.dtype;
+  c.args.ddof = ddof;
+  c.args.num_tensors = static_cast<int64_t>(c.in.batch.size());
+  c.args.x = c.in.x_ptrs.data();
+  c.args.batch = c.in.batch.data();
+  c.args.units = c.in.units.data();
+  c.args.mean = c.means.data();
+  c.args.variance = c.variances.data();
+  c.args.entropy = c.entropy;
+}
+
+struct CudaBackwardCall {
+  DeviceInputs in;
+  std::vector<const void*> means, variances, grad_means, grad_variances;
+  std::vector<void*> dxs;
+  lbe::BackwardArgs args;
+};
+
+void FillBackward(CudaBackwardCall& c, py::handle xs, py::handle means, py::handle variances,
+                  py::handle grad_entropies, py::handle dxs, py::handle grad_means, py::handle grad_variances,
+                  int64_t ddof, const std::optional<std::string>& dtype) {
+  CheckDdof(ddof);
+  c.in = ReadDeviceActivations(xs, ddof, dtype);
+  c.means = DeviceStatsInputs(means, "means", c.in, false);
+  c.variances = DeviceStatsInputs(variances, "variances", c.in, false);
+  c.grad_means = DeviceStatsInputs(grad_means, "grad_means", c.in, true);
+  c.grad_variances = DeviceStatsInputs(grad_variances, "grad_variances", c.in, true);
+  c.dxs = DeviceOutputs(dxs, "dxs", c.in, false);
+  DeviceArray g = ReadDeviceArray(grad_entropies, "grad_entropies");
+  CheckDevice(g, "grad_entropies", c.in.dtype, false, static_cast<int64_t>(c.in.batch.size()), false);
+  c.args.dtype = c.in.dtype;
+  c.args.ddof = ddof;
+  c.args.num_tensors = static_cast<int64_t>(c.in.batch.size());
+  c.args.x = c.in.x_ptrs.data();
+  c.args.batch = c.in.batch.data();
+  c.args.units = c.in.units.data();
+  c.args.mean = c.means.data();
+  c.args.variance = c.variances.data();
+  c.args.grad_entropy = reinterpret_cast<const void*>(g.ptr);
+  c.args.grad_mean = c.grad_means.data();
+  c.args.grad_variance = c.grad_variances.data();
+  c.args.dx = c.dxs.data();
+}
+
+// Plans of the CUDA kernels for given shapes (no device needed): what the launch would look like.
+py::dict PlanInfo(const std::vector<std::vector<int64_t>>& shapes, const std::string& dtype_name, int64_t ddof,
+                  bool aligned) {
+  const std::optional<lbe::DType> dtype = DTypeFromName(dtype_name);
+  if (!dtype) throw py::value_error("dtype must be float16, bfloat16, float32 or float64");
+  CheckDdof(ddof);
+  const size_t n = shapes.size();
+  if (n == 0) throw py::value_error("shapes must not be empty");
+  std::vector<int64_t> batch(n), units(n);
+  // Stand-in device addresses: 256-byte aligned, or 2 bytes off when !aligned.
+  std::vector<const void*> xs(n);
+  std::vector<void*> outs(n);
+  for (size_t i = 0; i < n; ++i) {
+    BatchUnits(shapes[i], Indexed("shapes", i), ddof, &batch[i], &units[i]);
+    xs[i] = reinterpret_cast<const void*>(uintptr_t{1} << 40 | (i << 32) | (aligned ? 0 : 2));
+    outs[i] = reinterpret_cast<void*>(uintptr_t{1} << 41 | (i << 32) | (aligned ? 0 : 2));
+  }
+  lbe::ForwardArgs fa;
+  fa.dtype = *dtype;
+  fa.ddof = ddof;
+  fa.num_tensors = static_cast<int64_t>(n);
+  fa.x = xs.data();
+  fa.batch = batch.data();
+  fa.units = units.data();
+  fa.mean = outs.data();
+  fa.variance = outs.data();
+  fa.entropy = outs[0];
+  lbe::BackwardArgs ba;
+  ba.dtype = *dtype;
+  ba.ddof = ddof;
+  ba.num_tensors = static_cast<int64_t>(n);
+  ba.x = xs.data();
+  ba.batch = batch.data();
+  ba.units = units.data();
+  ba.mean = reinterpret_cast<const void* const*>(outs.data());
+  ba.variance = reinterpret_cast<const void* const*>(outs.data());
+  ba.grad_entropy = outs[0];
+  ba.dx = outs.data();
+  const lbe::cuda::Tuning tuning = lbe::cuda::GetTuning();
+  lbe::cuda::ForwardPlan fp;
+  lbe::cuda::BackwardPlan bp;
+  std::string error = lbe::cuda::MakeForwardPlan(fa, tuning, &fp);
+  if (error.empty()) error = lbe::cuda::MakeBackwardPlan(ba, tuning, &bp);
+  if (!error.empty()) throw py::value_error(error);
+  py::list fwd, bwd;
+  for (size_t i = 0; i < n; ++i) {
+    const lbe::cuda::ForwardTensor& f = fp.tensors[i];
+    const int vec = f.vectorized ? lbe::cuda::VectorWidth(*dtype) : 1;
+    py::dict d;
+    d["threads_per_row"] = 1 << f.log2_threads_per_row;
+    d["units_per_thread"] = vec;
+    d["tile_units"] = int64_t{vec} << f.log2_threads_per_row;
+    d["tiles"] = f.tiles;
+    d["splits"] = f.splits;
+    d["rows_per_split"] = f.rows_per_split;
+    d["items"] = int64_t{f.tiles} * f.splits;
+    fwd.append(d);
+    const lbe::cuda::BackwardTensor& b = bp.tensors[i];
+    const int bvec = b.vectorized ? lbe::cuda::VectorWidth(*dtype) : 1;
+    const int64_t tile_units = int64_t{bvec} << b.log2_threads_per_row;
+    py::dict e;
+    e["threads_per_row"] = 1 << b.log2_threads_per_row;
+    e["units_per_thread"] = bvec;
+    e["tile_units"] = tile_units;
+    e["tiles"] = (units[i] + tile_units - 1) / tile_units;
+    e["splits"] = b.splits;
+    e["rows_per_split"] = b.rows_per_split;
+    bwd.append(e);
+  }
+  py::dict out;
+  out["forward"] = fwd;
+  out["backward"] = bwd;
+  out["forward_items"] = fp.num_items;
+  out["backward_items"] = bp.num_items;
+  out["forward_workspace_bytes"] = fp.workspace_bytes;
+  out["backward_workspace_bytes"] = bp.workspace_bytes;
+  return out;
+}
+
+py::dict TuningDict(const lbe::cuda::Tuning& t) {
+  py::dict d;
+  d["forward_target_items"] = t.forward_target_items;
+  d["forward_min_chunks"] = t.forward_min_chunks;
+  d["forward_max_splits"] = t.forward_max_splits;
+  d["backward_target_items"] = t.backward_target_items;
+  d["backward_min_chunks"] = t.backward_min_chunks;
+  d["row_segment_bytes"] = t.row_segment_bytes;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "lbe-ops core kernels (batch entropy forward/backward) on numpy and CUDA arrays, without TensorFlow.";
+
+  m.def("isa", []() { return std::string(lbe::cpu::IsaName()); },
+        "Instruction set the CPU kernels dispatch to on this machine ('avx2' or 'generic').");
+
+  m.def(
+      "forward",
+      [](py::handle xs, int64_t ddof) {
+        return HostForward(xs, ddof, [](const lbe::ForwardArgs& a) { return lbe::cpu::Forward(a, lbe::cpu::SerialFor()); });
+      },
+      py::arg("xs"), py::arg("ddof") = 1,
+      "CPU forward on a list of numpy arrays [batch, units...] of one dtype (float16, bfloat16 via ml_dtypes, "
+      "float32, float64). Returns (entropies[n] in the input dtype, means, variances), the statistics shaped like "
+      "x.shape[1:] in float32 (float64 for float64 inputs).");
+
+  m.def(
+      "backward",
+      [](py::handle xs, py::handle means, py::handle variances, py::handle grad_entropies, py::handle grad_means,
+         py::handle grad_variances, int64_t ddof) {
+        return HostBackward(xs, means, variances, grad_entropies, grad_means, grad_variances, ddof,
+                            [](const lbe::BackwardArgs& a) { return lbe::cpu::Backward(a, lbe::cpu::SerialFor()); });
+      },
+      py::arg("xs"), py::arg("means"), py::arg("variances"), py::arg("grad_entropies"),
+      py::arg("grad_means") = py::none(), py::arg("grad_variances") = py::none(), py::arg("ddof") = 1,
+      "CPU backward: dx for each x given the forward's statistics and the gradients of the entropies (and "
+      "optionally of the means and variances; None or None entries are zero). Returns a list of dx.");
+
+  m.def(
+      "_emulate_cuda_forward",
+      [](py::handle xs, int64_t ddof, int block_order, uint64_t seed) {
+        const lbe::cuda::emulation::Options options = EmulationOptions(block_order, seed);
+        lbe::cuda::emulation::Report report;
+        py::tuple out = HostForward(xs, ddof, [&](const lbe::ForwardArgs& a) {
+          report = lbe::cuda::emulation::Forward(a, lbe::cuda::GetTuning(), options);
+          return report.error;
+        });
+        return py::make_tuple(out[0], out[1], out[2], ReportDict(report));
+      },
+      py::arg("xs"), py::arg("ddof") = 1, py::arg("block_order") = 0, py::arg("seed") = 0,
+      "Runs the CUDA forward kernel's code on the CPU (each block's threads as fibers, every memory access "
+      "checked), for testing without a GPU. Returns (entropies, means, variances, info).");
+
+  m.def(
+      "_emulate_cuda_backward",
+      [](py::handle xs, py::handle means, py::handle variances, py::handle grad_entropies, py::handle grad_means,
+         py::handle grad_variances, int64_t ddof, int block_order, uint64_t seed) {
+        const lbe::cuda::emulation::Options options = EmulationOptions(block_order, seed);
+        lbe::cuda::emulation::Report report;
+        py::list dxs = HostBackward(xs, means, variances, grad_entropies, grad_means, grad_variances, ddof,
+                                    [&](const lbe::BackwardArgs& a) {
+                                      report = lbe::cuda::emulation::Backward(a, lbe::cuda::GetTuning(), options);
+                                      return report.error;
+                                    });
+        return py::make_tuple(dxs, ReportDict(report));
+      },
+      py::arg("xs"), py::arg("means"), py::arg("variances"), py::arg("grad_entropies"),
+      py::arg("grad_means") = py::none(), py::arg("grad_variances") = py::none(), py::arg("ddof") = 1,
+      py::arg("block_order") = 0, py::arg("seed") = 0,
+      "Runs the CUDA backward kernel's code on the CPU (see _emulate_cuda_forward). Returns (dxs, info).");
+
+  m.def("_cuda_plan", &PlanInfo, py::arg("shapes"), py::arg("dtype") = "float32", py::arg("ddof") = 1,
+        py::arg("aligned") = true,
+        "How the CUDA kernels would cut these shapes into blocks (tiles, batch splits, workspace). No GPU needed.");
+
+  m.def("_cuda_tuning", []() { return TuningDict(lbe::cuda::GetTuning()); },
+        "The CUDA kernels' work-cutting knobs (for benchmarking).");
+  m.def(
+      "_set_cuda_tuning",
+      [](py::kwargs kwargs) {
+        lbe::cuda::Tuning t = lbe::cuda::GetTuning();
+        for (auto item : kwargs) {
+          const std::string key = py::str(item.first);
+          const int64_t value = item.second.cast<int64_t>();
+          if (key == "forward_target_items") t.forward_target_items = value;
+          else if (key == "forward_min_chunks") t.forward_min_chunks = value;
+          else if (key == "forward_max_splits") t.forward_max_splits = value;
+          else if (key == "backward_target_items") t.backward_target_items = value;
+          else if (key == "backward_min_chunks") t.backward_min_chunks = value;
+          else if (key == "row_segment_bytes") t.row_segment_bytes = value;
+          else throw py::type_error("unknown tuning knob '" + key + "'");
+        }
+        const std::string error = lbe::cuda::SetTuning(t);
+        if (!error.empty()) throw py::value_error(error);
+        return TuningDict(t);
+      },
+      "Sets knobs of _cuda_tuning() (for benchmarking; affects later calls in this process). Returns the new set.");
+  m.attr("_default_cuda_tuning") = TuningDict(lbe::cuda::Tuning{});
+
+#if defined(LBE_OPS_HAVE_CUDA)
+  m.def("has_cuda", []() { return true; }, "Whether this module was built with the CUDA kernels.");
+  m.def(
+      "cuda_device_count",
+      []() {
+        int count = 0;
+        if (cudaGetDeviceCount(&count) != cudaSuccess) {
+          (void)cudaGetLastError();
+          return 0;
+        }
+        return count;
+      },
+      "Number of CUDA devices this process can use (0 without a driver or device).");
+  m.def(
+      "cuda_forward_workspace_bytes",
+      [](py::handle xs, py::handle means, py::handle variances, py::handle entropies, int64_t ddof,
+         std::optional<std::string> dtype) {
+        CudaForwardCall c;
+        FillForward(c, xs, means, variances, entropies, ddof, dtype);
+        return lbe::cuda::ForwardWorkspaceBytes(c.args);
+      },
+      py::arg("xs"), py::arg("means"), py::arg("variances"), py::arg("entropies"), py::arg("ddof") = 1,
+      py::arg("dtype") = py::none(), "Device scratch bytes cuda_forward needs for these arrays.");
+  m.def(
+      "cuda_forward",
+      [](py::handle xs, py::handle means, py::handle variances, py::handle entropies, int64_t ddof, uintptr_t stream,
+         py::handle workspace, std::optional<std::string> dtype) {
+        CudaForwardCall c;
+        FillForward(c, xs, means, variances, entropies, ddof, dtype);
+        const size_t need = lbe::cuda::ForwardWorkspaceBytes(c.args);
+        WithWorkspace(workspace, need, stream, [&](void* ws, size_t bytes, cudaStream_t s) {
+          return lbe::cuda::Forward(c.args, ws, bytes, s);
+        });
+      },
+      py::arg("xs"), py::arg("means"), py::arg("variances"), py::arg("entropies"), py::arg("ddof") = 1,
+      py::arg("stream") = 0, py::arg("workspace") = py::none(), py::arg("dtype") = py::none(),
+      "CUDA forward, enqueued on `stream` (a cudaStream_t as an int; 0 is the legacy default stream). xs: device "
+      "arrays [batch, units...] with __cuda_array_interface__ (or such dicts), C-contiguous; writes means[i] and "
+      "variances[i] (units elements each, float32 or float64 for float64 inputs) and entropies (one per tensor, "
+      "input dtype). workspace: a device array of at least cuda_forward_workspace_bytes bytes, or None to take one "
+      "from the stream-ordered allocator. dtype='bfloat16' reads 2-byte arrays as bfloat16.");
+  m.def(
+      "cuda_backward_workspace_bytes",
+      [](py::handle xs, py::handle means, py::handle variances, py::handle grad_entropies, py::handle dxs,
+         py::handle grad_means, py::handle grad_variances, int64_t ddof, std::optional<std::string> dtype) {
+        CudaBackwardCall c;
+        FillBackward(c, xs, means, variances, grad_entropies, dxs, grad_means, grad_variances, ddof, dtype);
+        return lbe::cuda::BackwardWorkspaceBytes(c.args);
+      },
+      py::arg("xs"), py::arg("means"), py::arg("variances"), py::arg("grad_entropies"), py::arg("dxs"),
+      py::arg("grad_means") = py::none(), py::arg("grad_variances") = py::none(), py::arg("ddof") = 1,
+      py::arg("dtype") = py::none(), "Device scratch bytes cuda_backward needs for these arrays.");
+  m.def(
+      "cuda_backward",
+      [](py::handle xs, py::handle means, py::handle variances, py::handle grad_entropies, py::handle dxs,
+         py::handle grad_means, py::handle grad_variances, int64_t ddof, uintptr_t stream, py::handle workspace,
+         std::optional<std::string> dtype) {
+        CudaBackwardCall c;
+        FillBackward(c, xs, means, variances, grad_entropies, dxs, grad_means, grad_variances, ddof, dtype);
+        const size_t need = lbe::cuda::BackwardWorkspaceBytes(c.args);
+        WithWorkspace(workspace, need, stream, [&](void* ws, size_t bytes, cudaStream_t s) {
+          return lbe::cuda::Backward(c.args, ws, bytes, s);
+        });
+      },
+      py::arg("xs"), py::arg("means"), py::arg("variances"), py::arg("grad_entropies"), py::arg("dxs"),
+      py::arg("grad_means") = py::none(), py::arg("grad_variances") = py::none(), py::arg("ddof") = 1,
+      py::arg("stream") = 0, py::arg("workspace") = py::none(), py::arg("dtype") = py::none(),
+      "CUDA backward, enqueued on `stream`: writes dxs[i] (shaped like xs[i]) from the forward's means and "
+      "variances and grad_entropies (one per tensor, input dtype); grad_means / grad_variances may be None or "
+      "hold None entries (zero).");
+#else
+  m.def("has_cuda", []() { return false; }, "Whether this module was built with the CUDA kernels.");
+  m.def("cuda_device_count", []() { return 0; }, "Number of CUDA devices (0: built without CUDA).");
+#endif
+}

@@ -1,0 +1,379 @@
+"""lbe_ops._core: the framework-free kernels through the pybind11 module.
+
+- CPU forward/backward against a float64 numpy reference (shapes, dtypes, ddof, large offsets,
+  finite differences, bad input);
+- the CUDA kernels' own code run on the CPU by the host emulation (_emulate_cuda_*), which checks
+  every memory access and barrier: the GPU code's indexing, tiling, batch splits and merges are
+  tested on machines without a GPU;
+- the CUDA functions on a real device, when the module has CUDA and a device and CuPy or PyTorch
+  is installed (skipped otherwise).
+"""
+
+import numpy as np
+import pytest
+
+from lbe_ops import _core
+
+try:
+    import ml_dtypes
+    BF16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - ml_dtypes comes with TensorFlow
+    BF16 = None
+
+PI_E = np.pi * np.e
+DTYPES = [np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)] + ([BF16] if BF16 is not None else [])
+DTYPE_IDS = [d.name for d in DTYPES]
+
+
+# ---- float64 reference -------------------------------------------------------------------------
+
+def ref_forward(x, ddof):
+    flat = np.asarray(x, np.float64).reshape(x.shape[0], -1)
+    mean = flat.mean(axis=0)
+    var = ((flat - mean) ** 2).sum(axis=0) / (flat.shape[0] - ddof)
+    return 0.5 * np.log1p(PI_E * var).mean(), mean, var
+
+
+def ref_backward(x, ddof, g_entropy, g_mean=None, g_var=None, mean=None, var=None):
+    """dx in float64. With mean and var given (the backward op's inputs), the formula is evaluated
+    at those statistics, so that the check sees the backward kernel's error only."""
+    flat = np.asarray(x, np.float64).reshape(x.shape[0], -1)
+    b, u = flat.shape
+    if mean is None:
+        _, mean, var = ref_forward(x, ddof)
+    mean = np.asarray(mean, np.float64).ravel()
+    var = np.asarray(var, np.float64).ravel()
+    scale = g_entropy * PI_E / (u * (b - ddof) * (PI_E * var + 1))
+    if g_var is not None:
+        scale = scale + 2.0 * np.asarray(g_var, np.float64).ravel() / (b - ddof)
+    dx = (flat - mean) * scale
+    if g_mean is not None:
+        dx = dx + np.asarray(g_mean, np.float64).ravel() / b
+    return dx.reshape(x.shape)
+
+
+def max_err(got, want, scale):
+    got = np.asarray(got, np.float64).ravel()
+    want = np.asarray(want, np.float64).ravel()
+    assert np.all(np.isfinite(got)), "non-finite output (unwritten element?)"
+    return float(np.max(np.abs(got - want)) / scale)
+
+
+def output_eps(dtype):
+    return {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8, "float32": 2.0 ** -24, "float64": 2.0 ** -53}[dtype.name]
+
+
+def acc_eps(dtype):
+    # float32 accumulation for float16, bfloat16 and float32; float64 for float64.
+    return 2.0 ** -53 if dtype == np.float64 else 2.0 ** -24
+
+
+def make_input(rng, shape, dtype, offset=0.0, scale=2.0):
+    """Normal data; with offset, per-unit means of about offset x std."""
+    x = rng.standard_normal(shape) * scale
+    if offset:
+        x = x + offset * scale * (1 + 0.5 * rng.standard_normal(shape[1:]))
+    return x.astype(dtype)
+
+
+def check_forward(x, ddof, entropy, mean, var, offset=0.0):
+    """Error model: the mean of data offset by k std is known to about eps * k std in the
+    accumulation type, which bounds the variance (and the entropy) at about eps * k relative."""
+    dtype = x.dtype
+    h, m, v = ref_forward(x, ddof)
+    assert mean.shape == x.shape[1:] and var.shape == x.shape[1:]
+    stats = np.float64 if dtype == np.float64 else np.float32
+    assert mean.dtype == stats and var.dtype == stats and entropy.dtype == dtype
+    eps = acc_eps(dtype)
+    k = 2.0 * offset
+    x_scale = float(np.max(np.abs(np.asarray(x, np.float64))))
+    assert max_err(mean, m, x_scale) < 64 * eps, "mean"
+    assert max_err(var, v, float(np.max(v)) + 1e-300) < eps * (256 + 8 * k), "variance"
+    assert max_err(entropy, [h], abs(h) + 1e-300) < eps * (256 + 8 * k) + 2 * output_eps(dtype), "entropy"
+
+
+def check_backward(x, dx, want):
+    """want: ref_backward at the statistics the kernel was given."""
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    scale = float(np.max(np.abs(want))) + 1e-300
+    # float16 gradients are often subnormal (dx ~ 1 / (units x batch)): spacing 2**-24 there.
+    floor = 2.0 ** -24 if x.dtype == np.float16 else 0.0
+    assert max_err(dx, want, 1.0) < scale * (4 * output_eps(x.dtype) + 64 * acc_eps(x.dtype)) + floor
+
+
+# ---- CPU -----------------------------------------------------------------------------------------
+
+SHAPES = [(2, 1), (3, 5), (4097, 33), (5, 100003), (64, 4, 4), (300, 64), (129, 1000)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("ddof", [0, 1])
+def test_cpu_forward_backward_match_reference(rng, dtype, shape, ddof):
+    offset = 1e4 if dtype in (np.float32, np.float64) and shape[0] > 2 else 0.0
+    x = make_input(rng, shape, dtype, offset)
+    (entropy,), (mean,), (var,) = _core.forward([x], ddof=ddof)
+    check_forward(x, ddof, entropy, mean, var, offset)
+    g = rng.standard_normal()
+    (dx,) = _core.backward([x], [mean], [var], np.array([g]), ddof=ddof)
+    check_backward(x, dx, ref_backward(x, ddof, float(np.asarray(g, dtype)), mean=mean, var=var))
+
+
+def test_cpu_grouped_with_optional_gradients(rng):
+    xs = [make_input(rng, s, np.float32) for s in [(7, 3), (16, 2, 5), (9, 1)]]
+    entropies, means, variances = _core.forward(xs)
+    assert entropies.shape == (3,)
+    for x, e, m, v in zip(xs, entropies, means, variances):
+        check_forward(x, 1, np.asarray(e).reshape(()), m, v)
+    g = rng.standard_normal(3)
+    gm = [rng.standard_normal(means[0].shape).astype(np.float32), None, rng.standard_normal(1)]
+    gv = None if rng.integers(2) else [None, rng.standard_normal(means[1].shape), None]
+    dxs = _core.backward(xs, means, variances, g, grad_means=gm, grad_variances=gv)
+    for i, (x, dx) in enumerate(zip(xs, dxs)):
+        want = ref_backward(x, 1, float(np.float32(g[i])), gm[i], None if gv is None else gv[i],
+                            mean=means[i], var=variances[i])
+        check_backward(x, dx, want)
+
+
+@pytest.mark.parametrize("ddof", [0, 1])
+@pytest.mark.parametrize("shape", [(5, 3), (4, 2, 2), (3, 1)])
+def test_cpu_gradient_matches_finite_differences(rng, shape, ddof):
+    x = rng.standard_normal(shape)
+    units = int(np.prod(shape[1:]))
+    g_h, g_m, g_v = rng.standard_normal(), rng.standard_normal(units), rng.standard_normal(units)
+
+    def loss(z):
+        h, m, v = ref_forward(z, ddof)
+        return g_h * h + g_m @ m + g_v @ v
+
+    _, (mean,), (var,) = _core.forward([x], ddof=ddof)
+    (dx,) = _core.backward([x], [mean], [var], [g_h], grad_means=[g_m], grad_variances=[g_v], ddof=ddof)
+    numeric = np.zeros_like(x)
+    step = 1e-6
+    for idx in np.ndindex(*shape):
+        up, down = x.copy(), x.copy()
+        up[idx] += step
+        down[idx] -= step
+        numeric[idx] = (loss(up) - loss(down)) / (2 * step)
+    np.testing.assert_allclose(dx, numeric, rtol=1e-6, atol=1e-8)
+
+
+def test_cpu_constant_units_have_finite_gradient():
+    x = np.ones((8, 4), np.float32)
+    x[:, 1] = np.arange(8)
+    (e,), (m,), (v,) = _core.forward([x])
+    assert v[0] == 0 and np.isfinite(e)
+    (dx,) = _core.backward([x], [m], [v], [1.0])
+    assert np.all(np.isfinite(dx)) and np.all(dx[:, 0] == 0)
+
+
+def test_cpu_accepts_non_contiguous_inputs(rng):
+    x = make_input(rng, (40, 30), np.float64)[:, ::2]
+    (e,), (m,), (v,) = _core.forward([x])
+    check_forward(np.ascontiguousarray(x), 1, e, m, v)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: _core.forward(np.zeros((4, 3), np.float32)), TypeError, "xs must be a list"),
+    (lambda: _core.forward([]), ValueError, "must not be empty"),
+    (lambda: _core.forward([np.zeros(5, np.float32)]), ValueError, r"xs\[0\] must have rank >= 2"),
+    (lambda: _core.forward([np.zeros((1, 3), np.float32)]), ValueError, r"xs\[0\] has a batch of 1"),
+    (lambda: _core.forward([np.zeros((2, 3), np.float32)], ddof=2), ValueError, "batch of 2"),
+    (lambda: _core.forward([np.zeros((4, 0), np.float32)]), ValueError, "zero units"),
+    (lambda: _core.forward([np.zeros((4, 3), np.int32)]), TypeError, r"xs\[0\] has dtype int32"),
+    (lambda: _core.forward([np.zeros((4, 3), np.float32), np.zeros((4, 3))]), TypeError, r"xs\[1\] has dtype float64"),
+    (lambda: _core.forward([np.zeros((4, 3), np.float32)], ddof=-1), ValueError, "ddof must be non-negative"),
+    (lambda: _core.forward(["abc"]), TypeError, r"xs\[0\]"),
+    (lambda: _core.backward([np.ones((4, 3))], [np.zeros(3)], [np.zeros(2)], [1.0]), ValueError,
+     r"variances\[0\] has 2 elements; expected 3"),
+    (lambda: _core.backward([np.ones((4, 3))], [np.zeros(3)], [np.zeros(3)], [1.0, 2.0]), ValueError,
+     "grad_entropies has 2 elements; expected 1"),
+    (lambda: _core.backward([np.ones((4, 3))], [np.zeros(3)], [np.zeros(3)], [1.0], grad_means=[None, None]),
+     ValueError, "grad_means must have 1 entries"),
+    (lambda: _core.backward([np.ones((4, 3))], [np.zeros(3)], [np.zeros(3)], [1.0], grad_variances=[np.zeros(4)]),
+     ValueError, r"grad_variances\[0\] has 4 elements"),
+    (lambda: _core.backward([np.ones((4, 3))], [np.zeros(3)], [np.zeros(3)], ["x"]), TypeError, "grad_entropies"),
+    (lambda: _core.backward([np.ones((4, 3))], np.zeros(3), [np.zeros(3)], [1.0]), TypeError, "means must be a list"),
+])
+def test_bad_input_raises_clear_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+# ---- the CUDA kernels' code, emulated on the CPU ---------------------------------------------------
+
+# Shapes that exercise each path of the kernels: single tiles, many tiles (the tensor's entropy
+# merged by the last tile), split batches (partial moments merged by the last split), short
+# batches (widened tiles), odd unit counts (scalar path, partial last tile).
+EMU_SHAPES = [(2, 1), (3, 7), (300, 64), (2000, 128), (4097, 33), (1000, 257), (64, 1024),
+              (5, 100003), (32, 20000), (8192, 4), (3001, 3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", EMU_SHAPES, ids=str)
+def test_emulated_cuda_kernels_match_reference(rng, dtype, shape):
+    ddof = int(rng.integers(2))
+    offset = 1e4 if dtype in (np.float32, np.float64) and shape[0] > 2 else 0.0
+    x = make_input(rng, shape, dtype, offset)
+    entropy, (mean,), (var,), info = _core._emulate_cuda_forward([x], ddof=ddof, block_order=2,
+                                                                 seed=int(rng.integers(1 << 30)))
+    check_forward(x, ddof, entropy[0], mean, var, offset)
+    assert info["kernel_launches"] == 1
+    g, gm, gv = rng.standard_normal(), rng.standard_normal(mean.size), rng.standard_normal(mean.size)
+    (dx,), _ = _core._emulate_cuda_backward([x], [mean], [var], [g], grad_means=[gm], grad_variances=[gv],
+                                            ddof=ddof, block_order=2, seed=1)
+    check_backward(x, dx, ref_backward(x, ddof, float(np.asarray(g, dtype)), gm, gv, mean=mean, var=var))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_emulated_cuda_unaligned_inputs_take_the_scalar_path(rng, dtype):
+    shape = (97, 48)
+    size = int(np.prod(shape))
+    x = np.empty(size + 1, dtype)[1:].reshape(shape)  # one element off the allocation's alignment
+    x[...] = make_input(rng, shape, dtype)
+    assert x.ctypes.data % 16 != 0
+    e, (m,), (v,), _ = _core._emulate_cuda_forward([x])
+    check_forward(x, 1, e[0], m, v)
+    (dx,), _ = _core._emulate_cuda_backward([x], [m], [v], [0.5])
+    check_backward(x, dx, ref_backward(x, 1, 0.5, mean=m, var=v))
+    plan = _core._cuda_plan([shape], dtype.name, aligned=False)
+    assert plan["forward"][0]["units_per_thread"] == 1
+
+
+@pytest.mark.parametrize("count", [3, 30])  # 30 > the 24 descriptors passed as kernel parameters
+def test_emulated_cuda_groups(rng, count):
+    shapes = [(int(rng.integers(2, 300)), *rng.integers(1, 40, size=int(rng.integers(1, 3)))) for _ in range(count)]
+    xs = [make_input(rng, s, np.float32, offset=100.0) for s in shapes]
+    entropies, means, variances, info = _core._emulate_cuda_forward(xs, block_order=1)
+    cpu = _core.forward(xs)
+    for x, e, m, v in zip(xs, entropies, means, variances):
+        check_forward(x, 1, np.asarray(e).reshape(()), m, v, offset=100.0)
+    np.testing.assert_allclose(entropies, cpu[0], rtol=1e-4)
+    g = rng.standard_normal(count)
+    dxs, _ = _core._emulate_cuda_backward(xs, means, variances, g, block_order=2, seed=5)
+    for i, (x, dx) in enumerate(zip(xs, dxs)):
+        check_backward(x, dx, ref_backward(x, 1, float(np.float32(g[i])), mean=means[i], var=variances[i]))
+    if count > 24:
+        assert info["workspace_bytes"] > 0  # the descriptor table lives in the workspace
+
+
+def test_emulated_cuda_results_do_not_depend_on_block_order(rng):
+    # Split batches and many tiles: the last block to finish merges, whichever it is.
+    xs = [make_input(rng, (3000, 40), np.float32, offset=1e3), make_input(rng, (16, 3000), np.float32)]
+    runs = [_core._emulate_cuda_forward(xs, block_order=order, seed=seed) for order, seed in [(0, 0), (1, 0), (2, 7)]]
+    for other in runs[1:]:
+        for a, b in zip(runs[0][:3], other[:3]):
+            for u, w in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+                assert np.array_equal(u, w)
+
+
+def test_emulated_cuda_tall_input_full_size(rng):
+    """[65536, 64]: one tile, the batch split into many items merged in a second stage."""
+    shape = (65536, 64)
+    plan = _core._cuda_plan([shape], "float32")
+    assert plan["forward"][0]["splits"] > 64
+    x = make_input(rng, shape, np.float32, offset=1e4)
+    e, (m,), (v,), info = _core._emulate_cuda_forward([x], block_order=2, seed=3)
+    assert info["num_items"] == plan["forward_items"]
+    check_forward(x, 1, e[0], m, v, offset=1e4)
+
+
+def test_cuda_plan_tall_and_wide():
+    tall = _core._cuda_plan([(65536, 64)], "float32")
+    wide = _core._cuda_plan([(32, 1000000)], "float32")
+    assert tall["forward_items"] >= 128 and tall["backward_items"] >= 128
+    assert wide["forward_items"] >= 1000 and wide["backward_items"] >= 1000
+    big = _core._cuda_plan([(8192, 8192)], "float32")["forward"][0]
+    assert big["units_per_thread"] == 4 and big["splits"] > 1
+    huge = _core._cuda_plan([(3, 2 ** 31 + 8)], "float16")  # 64-bit sizes
+    assert huge["forward"][0]["tiles"] * huge["forward"][0]["tile_units"] >= 2 ** 31 + 8
+
+
+def test_cuda_tuning_knobs_round_trip():
+    before = _core._cuda_tuning()
+    try:
+        after = _core._set_cuda_tuning(forward_target_items=64)
+        assert after["forward_target_items"] == 64
+        with pytest.raises(ValueError):
+            _core._set_cuda_tuning(forward_min_chunks=0)
+        with pytest.raises(TypeError):
+            _core._set_cuda_tuning(no_such_knob=1)
+    finally:
+        _core._set_cuda_tuning(**before)
+    assert _core._cuda_tuning() == _core._default_cuda_tuning
+
+
+# ---- CUDA on a device ------------------------------------------------------------------------------
+
+def _device_library():
+    if not _core.has_cuda() or _core.cuda_device_count() == 0:
+        return None
+    try:
+        import cupy
+        return "cupy", cupy
+    except ImportError:
+        pass
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return "torch", torch
+    except ImportError:
+        pass
+    return None
+
+
+DEVICE = _device_library()
+needs_device = pytest.mark.skipif(DEVICE is None, reason="needs _core with CUDA, a CUDA device, and CuPy or PyTorch")
+
+
+def _to_device(a):
+    kind, lib = DEVICE
+    if kind == "cupy":
+        return lib.asarray(a)
+    return lib.from_numpy(np.ascontiguousarray(a)).cuda()
+
+
+def _empty_device(shape, dtype, fill=np.nan):
+    return _to_device(np.full(shape, fill, dtype))
+
+
+def _to_host(a):
+    kind, _ = DEVICE
+    return a.get() if kind == "cupy" else a.cpu().numpy()
+
+
+def _sync():
+    kind, lib = DEVICE
+    (lib.cuda.runtime.deviceSynchronize() if kind == "cupy" else lib.cuda.synchronize())
+
+
+@needs_device
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)],
+                         ids=["float16", "float32", "float64"])
+@pytest.mark.parametrize("shape", [(2, 1), (4097, 33), (5, 100003), (65536, 64), (129, 1000)], ids=str)
+def test_cuda_kernels_on_device(rng, dtype, shape):
+    x = make_input(rng, shape, dtype, offset=1e4 if dtype != np.float16 else 0.0)
+    stats = np.float64 if dtype == np.float64 else np.float32
+    units = int(np.prod(shape[1:]))
+    dx_dev, mean_dev, var_dev = _to_device(x), _empty_device(units, stats), _empty_device(units, stats)
+    ent_dev = _empty_device(1, dtype)
+    _core.cuda_forward([dx_dev], [mean_dev], [var_dev], ent_dev)
+    _sync()
+    mean, var, ent = _to_host(mean_dev), _to_host(var_dev), _to_host(ent_dev)
+    check_forward(x, 1, ent[0], mean.reshape(shape[1:]), var.reshape(shape[1:]),
+                  offset=1e4 if dtype != np.float16 else 0.0)
+    out = _empty_device(shape, dtype)
+    g = _to_device(np.array([0.75], dtype))
+    _core.cuda_backward([dx_dev], [mean_dev], [var_dev], g, [out])
+    _sync()
+    check_backward(x, _to_host(out), ref_backward(x, 1, 0.75, mean=mean, var=var))
+
+
+@needs_device
+def test_cuda_rejects_host_arrays_and_bad_shapes():
+    with pytest.raises(TypeError, match="__cuda_array_interface__"):
+        _core.cuda_forward([np.zeros((4, 3), np.float32)], [None], [None], None)
+    x = _to_device(np.zeros((4, 3), np.float32))
+    with pytest.raises(ValueError, match=r"means\[0\] has 2 elements"):
+        _core.cuda_forward([x], [_empty_device(2, np.float32)], [_empty_device(3, np.float32)],
+                           _empty_device(1, np.float32))
