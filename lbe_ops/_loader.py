@@ -176,6 +176,15 @@ def backend_info():
     }
 
 
+def _register_ops_at_import():
+    """Loads the library when lbe_ops is imported, so that its ops are registered for
+    tf.saved_model.load / graph imports that contain them (nothing traces an lbe_ops call there,
+    so a lazy load would never happen). LBE_OPS_BACKEND=tf keeps the library unloaded. A library
+    that cannot be used is only recorded here; the warning comes at first use, as before."""
+    if os.environ.get("LBE_OPS_BACKEND", "auto").strip().lower() != "tf":
+        _load()
+
+
 def _reset_for_tests():
     """Forgets the loaded state (tests only): the next call loads (or fails) again."""
     with _State.lock:
@@ -185,3 +194,6 @@ def _reset_for_tests():
         _State.reason = None
         _State.build_info = {}
         _State.warned = False
+
+
+_register_ops_at_import()
