@@ -333,8 +333,17 @@ LBE_DEVICE void FinishTile(ForwardShared<E>& sm, const ForwardParams& p, const F
   SyncThreads();
   if (!sm.last) return;
   ThreadFence();
+  // kBatch loads in flight per thread, then added in tile order (a wide tensor has thousands).
+  constexpr int kBatch = 8;
   double s = 0.0;
-  for (int64_t i = tid; i < d.tiles; i += kThreads) s += LoadShared(p.tile_entropy + d.tile_begin + i);
+  for (int64_t i0 = tid; i0 < d.tiles; i0 += kBatch * kThreads) {
+    double part[kBatch];
+    LBE_UNROLL for (int j = 0; j < kBatch; ++j) {
+      const int64_t i = i0 + j * kThreads;
+      part[j] = i < d.tiles ? LoadShared(p.tile_entropy + d.tile_begin + i) : 0.0;
+    }
+    LBE_UNROLL for (int j = 0; j < kBatch; ++j) s += part[j];
+  }
   const double total = BlockSum<E>(sm, tid, s);
   if (tid == 0) StoreOutput(entropy, Elem<E>::FromAcc(static_cast<Acc>(total / static_cast<double>(d.units))));
 }
@@ -400,13 +409,23 @@ LBE_DEVICE void ForwardItem(ForwardShared<E>& sm, const ForwardParams& p, const 
   const int merge_lanes = kThreads >> log2_tile_units;
   int64_t mn = 0;
   Acc mmean[1] = {Acc(0)}, mm2[1] = {Acc(0)};
-  for (int64_t s = merge_lane; s < d.splits; s += merge_lanes) {
-    const Acc* part = tile_partials + s * 2 * tile_units;
-    const Acc pm[1] = {LoadShared(part + u)};
-    const Acc pm2[1] = {LoadShared(part + tile_units + u)};
-    const int64_t rows_begin = s * d.rows_per_split;
-    const int64_t rows = d.batch - rows_begin < d.rows_per_split ? d.batch - rows_begin : d.rows_per_split;
-    MergeMoments<Acc, 1>(mn, mmean, mm2, rows, pm, pm2);
+  // Splits merge_lane, merge_lane + merge_lanes, ... in order; kBatch of them loaded at a time so
+  // that the loads overlap (a tall tensor has up to forward_max_splits of them).
+  constexpr int kBatch = 4;
+  for (int64_t s0 = merge_lane; s0 < d.splits; s0 += kBatch * merge_lanes) {
+    Acc pm[kBatch][1], pm2[kBatch][1];
+    LBE_UNROLL for (int j = 0; j < kBatch; ++j) {
+      const int64_t s = s0 + j * merge_lanes;
+      const Acc* part = tile_partials + s * 2 * tile_units;
+      pm[j][0] = s < d.splits ? LoadShared(part + u) : Acc(0);
+      pm2[j][0] = s < d.splits ? LoadShared(part + tile_units + u) : Acc(0);
+    }
+    LBE_UNROLL for (int j = 0; j < kBatch; ++j) {
+      const int64_t rows_begin = (s0 + j * merge_lanes) * d.rows_per_split;
+      const int64_t left = d.batch - rows_begin;
+      const int64_t rows = left <= 0 ? 0 : left < d.rows_per_split ? left : d.rows_per_split;
+      MergeMoments<Acc, 1>(mn, mmean, mm2, rows, pm[j], pm2[j]);  // rows == 0: no-op
+    }
   }
   ReduceLanes<E, 1>(sm, tid, merge_lane, merge_lanes, log2_tile_units, mn, mmean, mm2);
   const int64_t unit = tile * tile_units + u;

@@ -296,44 +296,92 @@ struct DeviceArray {
   bool readonly = false;
 };
 
+// Interned keys of the interface dict: each lookup is then one hash probe, no string creation
+// (small shapes are launch-bound, so the binding's own cost matters).
+struct InterfaceKeys {
+  py::str attribute{"__cuda_array_interface__"}, shape{"shape"}, typestr{"typestr"}, data{"data"},
+      strides{"strides"}, mask{"mask"};
+};
+const InterfaceKeys& Keys() {
+  static const InterfaceKeys* keys = new InterfaceKeys();  // lives as long as the interpreter
+  return *keys;
+}
+
+int64_t ToInt64(PyObject* o, const std::string& name, const char* what) {
+  const long long v = PyLong_AsLongLong(o);
+  if (v == -1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw py::type_error(name + ": __cuda_array_interface__ " + what + " must hold integers");
+  }
+  return v;
+}
+
 DeviceArray ReadDeviceArray(py::handle obj, const std::string& name) {
-  py::object cai;
-  if (py::isinstance<py::dict>(obj)) {
-    cai = py::reinterpret_borrow<py::object>(obj);
-  } else if (py::hasattr(obj, "__cuda_array_interface__")) {
-    try {
-      cai = obj.attr("__cuda_array_interface__");
-    } catch (py::error_already_set& e) {
-      throw py::type_error(name + ": its __cuda_array_interface__ failed (" + std::string(e.what()) +
+  const InterfaceKeys& keys = Keys();
+  py::object holder;
+  PyObject* dict = obj.ptr();
+  if (!PyDict_Check(dict)) {
+    PyObject* attr = PyObject_GetAttr(dict, keys.attribute.ptr());
+    if (attr == nullptr) {
+      const bool missing = PyErr_ExceptionMatches(PyExc_AttributeError);
+      std::string why;
+      if (!missing) {
+        py::error_already_set e;
+        why = e.what();
+      } else {
+        PyErr_Clear();
+      }
+      if (missing)
+        throw py::type_error(name + " must be a device array with __cuda_array_interface__ (CuPy, PyTorch, ...), "
+                             "got " + std::string(py::str(py::type::of(obj).attr("__name__"))));
+      throw py::type_error(name + ": its __cuda_array_interface__ failed (" + why +
                            "); for bfloat16 tensors pass a dict with the interface's keys and dtype='bfloat16'");
     }
-  } else {
-    throw py::type_error(name + " must be a device array with __cuda_array_interface__ (CuPy, PyTorch, ...), got " +
-                         std::string(py::str(py::type::of(obj).attr("__name__"))));
+    holder = py::reinterpret_steal<py::object>(attr);
+    dict = attr;
+    if (!PyDict_Check(dict)) throw py::type_error(name + ": __cuda_array_interface__ is not a dict");
   }
-  py::dict d = py::reinterpret_borrow<py::dict>(cai);
-  if (!d.contains("shape") || !d.contains("typestr") || !d.contains("data"))
+  PyObject* shape = PyDict_GetItem(dict, keys.shape.ptr());  // borrowed references
+  PyObject* typestr = PyDict_GetItem(dict, keys.typestr.ptr());
+  PyObject* data = PyDict_GetItem(dict, keys.data.ptr());
+  if (shape == nullptr || typestr == nullptr || data == nullptr)
     throw py::type_error(name + ": __cuda_array_interface__ lacks shape, typestr or data");
+  if (!PyTuple_Check(shape) && !PyList_Check(shape))
+    throw py::type_error(name + ": __cuda_array_interface__ shape must be a tuple");
   DeviceArray a;
-  for (py::handle s : py::reinterpret_borrow<py::sequence>(d["shape"])) {
-    a.shape.push_back(s.cast<int64_t>());
+  const Py_ssize_t rank = PySequence_Fast_GET_SIZE(shape);
+  PyObject** dims = PySequence_Fast_ITEMS(shape);
+  for (Py_ssize_t i = 0; i < rank; ++i) {
+    a.shape.push_back(ToInt64(dims[i], name, "shape"));
+    if (a.shape.back() < 0) throw py::value_error(name + " has a negative dimension");
     a.size *= a.shape.back();
   }
-  const std::string typestr = py::str(d["typestr"]);
-  if (typestr.size() < 3 || (typestr[0] != '<' && typestr[0] != '|' && typestr[0] != '='))
-    throw py::type_error(name + ": unsupported typestr '" + typestr + "' (little-endian types only)");
-  a.kind = typestr[1];
-  a.itemsize = std::stoi(typestr.substr(2));
-  py::tuple data = py::reinterpret_borrow<py::tuple>(d["data"]);
-  a.ptr = data[0].is_none() ? 0 : data[0].cast<uintptr_t>();
-  a.readonly = data[1].cast<bool>();
-  if (d.contains("mask") && !d["mask"].is_none()) throw py::value_error(name + ": masked arrays are not supported");
-  if (d.contains("strides") && !d["strides"].is_none()) {
-    std::vector<int64_t> strides;
-    for (py::handle s : py::reinterpret_borrow<py::sequence>(d["strides"])) strides.push_back(s.cast<int64_t>());
+  Py_ssize_t len = 0;
+  const char* ts = PyUnicode_Check(typestr) ? PyUnicode_AsUTF8AndSize(typestr, &len) : nullptr;
+  if (ts == nullptr || len < 3 || (ts[0] != '<' && ts[0] != '|' && ts[0] != '='))
+    throw py::type_error(name + ": unsupported typestr (little-endian types only, e.g. '<f4')");
+  a.kind = ts[1];
+  a.itemsize = std::atoi(ts + 2);
+  if (!PyTuple_Check(data) || PyTuple_GET_SIZE(data) != 2)
+    throw py::type_error(name + ": __cuda_array_interface__ data must be a (pointer, read_only) tuple");
+  PyObject* ptr = PyTuple_GET_ITEM(data, 0);
+  if (ptr != Py_None) {
+    a.ptr = static_cast<uintptr_t>(PyLong_AsUnsignedLongLong(ptr));
+    if (PyErr_Occurred()) {
+      PyErr_Clear();
+      throw py::type_error(name + ": the data pointer must be an integer");
+    }
+  }
+  a.readonly = PyObject_IsTrue(PyTuple_GET_ITEM(data, 1)) == 1;
+  PyObject* mask = PyDict_GetItem(dict, keys.mask.ptr());
+  if (mask != nullptr && mask != Py_None) throw py::value_error(name + ": masked arrays are not supported");
+  PyObject* strides = PyDict_GetItem(dict, keys.strides.ptr());
+  if (strides != nullptr && strides != Py_None) {
+    if (!PyTuple_Check(strides) || PyTuple_GET_SIZE(strides) != rank)
+      throw py::value_error(name + ": strides must be None or a tuple with one entry per dimension");
     int64_t expected = a.itemsize;
-    for (size_t i = a.shape.size(); i-- > 0;) {
-      if (a.shape[i] != 1 && strides[i] != expected)
+    for (Py_ssize_t i = rank; i-- > 0;) {
+      if (a.shape[i] != 1 && ToInt64(PyTuple_GET_ITEM(strides, i), name, "strides") != expected)
         throw py::value_error(name + " must be C-contiguous (got strides that are not)");
       expected *= a.shape[i];
     }
