@@ -74,6 +74,29 @@ class _Capture:
 
     def __init__(self):
         self.records = []
+        self.placeholder_refs = set()  # the zeros returned to Keras in place of the terms
+
+    def placeholder(self):
+        zero = tf.zeros((), tf.float32)
+        if not tf.executing_eagerly():
+            self.placeholder_refs.add(zero.ref())
+        return zero
+
+    def is_placeholder_loss(self, loss):
+        """True for a loss that Keras made from one of the placeholders (graph mode only).
+
+        Keras adds `placeholder / batch_size` (3.14+) or the placeholder itself as an activity
+        loss; leaving those zeros out of the total keeps them out of the step's graph.
+        """
+        if tf.executing_eagerly() or not self.placeholder_refs or not tf.is_tensor(loss):
+            return False
+        try:
+            if loss.ref() in self.placeholder_refs:
+                return True
+            op = loss.op
+            return op.type == "DivNoNan" and op.inputs[0].ref() in self.placeholder_refs
+        except (AttributeError, TypeError):
+            return False
 
 
 _DISABLED = "disabled"
@@ -226,7 +249,7 @@ class LBERegularizer(keras.layers.Layer, keras.regularizers.Regularizer):
         mode = _current_mode()
         if isinstance(mode, _Capture):
             mode.records.append((self, x))
-            return tf.zeros((), tf.float32)
+            return mode.placeholder()
         if mode == _DISABLED:
             return tf.zeros((), tf.float32)
         return self.call(x)
@@ -311,6 +334,17 @@ def _entropies_cross_replica(tensors, ddofs, replica_context):
         unit_entropy = 0.5 * tf.math.log1p(tf.constant(math.pi * math.e, m2.dtype) * variance)
         entropies.append(tf.cast(tf.reduce_mean(unit_entropy), tf.float32))
     return tf.stack(entropies)
+
+
+def _penalties(regularizers, entropies):
+    """beta_l * (H_l - max(alpha_min_l, |alpha_l|))^2 as one vector (a few ops, not a few per
+    layer: deep models have hundreds of layers)."""
+    alphas = tf.stack([tf.convert_to_tensor(regularizer.alpha) for regularizer in regularizers])
+    alpha_mins = tf.constant([regularizer.alpha_min for regularizer in regularizers], tf.float32)
+    betas = tf.constant([regularizer.beta for regularizer in regularizers], tf.float32)
+    # alphas first: on a tie the gradient goes to alpha (see LBERegularizer.target).
+    targets = tf.maximum(tf.abs(alphas), alpha_mins)
+    return betas * tf.square(entropies - targets)
 
 
 def _num_replicas():
@@ -517,7 +551,8 @@ class LBEModel(keras.Model):
         records, capture.records = capture.records, []
 
         task = self.compute_task_loss(x, y, y_pred, sample_weight, training)
-        extra = [self._lbe_sum_extra_loss(loss) for loss in self.losses]
+        extra = [self._lbe_sum_extra_loss(loss) for loss in self.losses
+                 if not capture.is_placeholder_loss(loss)]
 
         if records:
             regularizers = [regularizer for regularizer, _ in records]
@@ -529,9 +564,7 @@ class LBEModel(keras.Model):
                 entropies = _entropies_cross_replica(tensors, ddofs, replica_context)
             else:
                 entropies = _entropies_local(tensors, ddofs)
-            penalties = tf.stack([regularizer.penalty(entropies[i])
-                                  for i, regularizer in enumerate(regularizers)])
-            lbe = tf.reduce_mean(penalties)
+            lbe = tf.reduce_mean(_penalties(regularizers, entropies))
             entropy_mean = tf.reduce_mean(entropies)
         else:
             if not self._lbe_warned_empty:
@@ -656,7 +689,9 @@ class LBEModel(keras.Model):
 
     def reset_metrics(self):
         super().reset_metrics()
-        stats = self._lbe_layer_stats
+        stats = getattr(self, "_lbe_layer_stats", None)
+        if stats is None:
+            return
         if stats.test is not None:
             stats.test.reset_state()
         # fit's validation runs evaluate() between the training steps and on_epoch_end:

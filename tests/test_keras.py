@@ -276,6 +276,32 @@ def test_entropies_of_all_layers_come_from_one_batch_entropies_call(rng, monkeyp
     assert calls == [3] * 4  # one call per step, holding the three layers
 
 
+def test_placeholder_activity_losses_are_left_out_of_the_step_graph(rng):
+    # In an LBEModel step the regularizers hand Keras zeros; compute_loss recognises what Keras
+    # made of them and leaves them out, while real add_loss terms stay.
+    class AddedLoss(keras.layers.Layer):
+        def call(self, inputs):
+            self.add_loss(keras.ops.sum(inputs))
+            return inputs
+
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(3, activity_regularizer=lk.LBERegularizer())(inputs)
+    h = keras.layers.Dense(3, activity_regularizer=lk.LBERegularizer())(AddedLoss()(h))
+    model = keras.Model(inputs, h)
+
+    flags = []
+
+    @tf.function
+    def step(x):
+        with lk._capturing() as capture:
+            model(x)
+            flags.extend(capture.is_placeholder_loss(loss) for loss in model.losses)
+        return x
+
+    step(tf.constant(rng.standard_normal((5, 4)), tf.float32))
+    assert sorted(flags) == [False, True, True]
+
+
 def test_autoencoder_with_mse_and_extra_losses(rng):
     x = rng.standard_normal((20, 6)).astype(np.float32)
     regularizer = lk.LBERegularizer(alpha=1.1, alpha_min=0.5, beta=0.9)
@@ -582,7 +608,8 @@ def test_fresh_process_serves_the_export_without_lbe_ops_and_loads_without_custo
                           "served": served.numpy().tolist(),
                           "pred": model.predict(x, verbose=0).tolist()}}))
     """)
-    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
     result = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
