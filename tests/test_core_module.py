@@ -303,6 +303,92 @@ def test_cuda_tuning_knobs_round_trip():
     assert _core._cuda_tuning() == _core._default_cuda_tuning
 
 
+# ---- the CUDA binding without a device: parsing and validation of __cuda_array_interface__ ---------
+
+needs_cuda_build = pytest.mark.skipif(not _core.has_cuda(), reason="_core built without CUDA")
+
+
+def fake(shape, typestr, address, readonly=False, strides=None):
+    """An interface dict with a made-up device address (workspace queries never dereference it)."""
+    return {"shape": tuple(shape), "typestr": typestr, "data": (address, readonly), "version": 3, "strides": strides}
+
+
+def fake_forward_args(shape=(16, 10), typestr="<f4", stats="<f4"):
+    units = int(np.prod(shape[1:]))
+    return ([fake(shape, typestr, 1 << 40)], [fake((units,), stats, 2 << 40)], [fake((units,), stats, 3 << 40)],
+            fake((1,), typestr, 4 << 40))
+
+
+@needs_cuda_build
+def test_cuda_binding_reads_interface_dicts_and_objects():
+    xs, means, variances, entropies = fake_forward_args()
+
+    class DeviceArray:
+        def __init__(self, d):
+            self.__cuda_array_interface__ = d
+
+    assert _core.cuda_forward_workspace_bytes(xs, means, variances, entropies) >= 0
+    assert _core.cuda_forward_workspace_bytes([DeviceArray(xs[0])], [DeviceArray(means[0])],
+                                              [DeviceArray(variances[0])], DeviceArray(entropies)) >= 0
+    # bfloat16: 2-byte elements named by dtype=
+    xs16, m16, v16, e16 = fake_forward_args(typestr="<u2")
+    assert _core.cuda_forward_workspace_bytes(xs16, m16, v16, e16, dtype="bfloat16") >= 0
+    group = [fake((8, 3), "<f4", (i + 1) << 36) for i in range(30)]
+    stats = [fake((3,), "<f4", (i + 64) << 36) for i in range(30)]
+    assert _core.cuda_forward_workspace_bytes(group, stats, stats, fake((30,), "<f4", 1 << 44)) > 0  # table
+    dxs = [fake((8, 3), "<f4", (i + 128) << 36) for i in range(30)]
+    assert _core.cuda_backward_workspace_bytes(group, stats, stats, fake((30,), "<f4", 1 << 44), dxs) > 0
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("change, error, match", [
+    (lambda a: a.__setitem__(0, [np.zeros((16, 10), np.float32)]), TypeError, r"xs\[0\] must be a device array"),
+    (lambda a: a[0][0].__setitem__("strides", (4, 64)), ValueError, "C-contiguous"),
+    (lambda a: a[0][0].__setitem__("typestr", ">f4"), TypeError, "little-endian"),
+    (lambda a: a[0][0].__setitem__("typestr", "<i4"), TypeError, "expected float16, float32 or float64"),
+    (lambda a: a[0][0].__setitem__("typestr", "<u2"), TypeError, "bfloat16"),
+    (lambda a: a[0][0].__setitem__("shape", (1, 10)), ValueError, r"xs\[0\] has a batch of 1"),
+    (lambda a: a[0][0].__setitem__("shape", (16,)), ValueError, "rank >= 2"),
+    (lambda a: a[0][0].__setitem__("data", (0, False)), ValueError, "null data pointer"),
+    (lambda a: a[0][0].pop("data"), TypeError, "lacks shape, typestr or data"),
+    (lambda a: a[1][0].__setitem__("typestr", "<f8"), TypeError, r"means\[0\] must hold float32"),
+    (lambda a: a[2][0].__setitem__("shape", (9,)), ValueError, r"variances\[0\] has 9 elements; expected 10"),
+    (lambda a: a[2][0].__setitem__("data", (3 << 40, True)), ValueError, r"variances\[0\] is read-only"),
+    (lambda a: a[3].__setitem__("shape", (2,)), ValueError, "entropies has 2 elements; expected 1"),
+    (lambda a: a[1].append(a[1][0]), ValueError, "means must have 1 entries"),
+])
+def test_cuda_binding_rejects_bad_device_arrays(change, error, match):
+    args = [list(a) if isinstance(a, list) else a for a in fake_forward_args()]
+    args = [[dict(d) for d in a] if isinstance(a, list) else dict(a) for a in args]
+    change(args)
+    with pytest.raises(error, match=match):
+        _core.cuda_forward_workspace_bytes(*args)
+
+
+@needs_cuda_build
+def test_cuda_binding_errors_name_the_interface_failure():
+    class RequiresGrad:
+        @property
+        def __cuda_array_interface__(self):
+            raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad")
+
+    xs, means, variances, entropies = fake_forward_args()
+    with pytest.raises(TypeError, match="requires grad"):
+        _core.cuda_forward_workspace_bytes([RequiresGrad()], means, variances, entropies)
+    with pytest.raises(ValueError, match="dtype must be"):
+        _core.cuda_forward_workspace_bytes(xs, means, variances, entropies, dtype="int8")
+
+
+@needs_cuda_build
+@pytest.mark.skipif(_core.has_cuda() and _core.cuda_device_count() > 0, reason="a device is present")
+def test_cuda_launch_without_a_device_raises():
+    xs, means, variances, entropies = fake_forward_args()
+    with pytest.raises(RuntimeError, match="cuda_forward"):
+        _core.cuda_forward(xs, means, variances, entropies)
+    with pytest.raises(RuntimeError, match="cuda_backward"):
+        _core.cuda_backward(xs, means, variances, entropies, [fake((16, 10), "<f4", 9 << 40)])
+
+
 # ---- CUDA on a device ------------------------------------------------------------------------------
 
 def _device_library():

@@ -478,7 +478,8 @@ void ThrowCuda(cudaError_t err, const char* what) {
 
 // Runs `launch` with the caller's workspace, or with one from the stream-ordered allocator.
 template <typename Launch>
-void WithWorkspace(py::handle workspace_obj, size_t need, uintptr_t stream_handle, const Launch& launch) {
+void WithWorkspace(const char* what, py::handle workspace_obj, size_t need, uintptr_t stream_handle,
+                   const Launch& launch) {
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   if (!workspace_obj.is_none()) {
     DeviceArray ws = ReadDeviceArray(workspace_obj, "workspace");
@@ -491,7 +492,7 @@ void WithWorkspace(py::handle workspace_obj, size_t need, uintptr_t stream_handl
       py::gil_scoped_release release;
       err = launch(reinterpret_cast<void*>(ws.ptr), have, stream);
     }
-    if (err != cudaSuccess) ThrowCuda(err, "kernel launch");
+    if (err != cudaSuccess) ThrowCuda(err, what);
     return;
   }
   void* ws = nullptr;
@@ -507,7 +508,7 @@ void WithWorkspace(py::handle workspace_obj, size_t need, uintptr_t stream_handl
       }
     }
   }
-  if (err != cudaSuccess) ThrowCuda(err, "kernel launch");
+  if (err != cudaSuccess) ThrowCuda(err, what);
 }
 #endif
 
@@ -782,7 +783,7 @@ PYBIND11_MODULE(_core, m) {
         CudaForwardCall c;
         FillForward(c, xs, means, variances, entropies, ddof, dtype);
         const size_t need = lbe::cuda::ForwardWorkspaceBytes(c.args);
-        WithWorkspace(workspace, need, stream, [&](void* ws, size_t bytes, cudaStream_t s) {
+        WithWorkspace("cuda_forward", workspace, need, stream, [&](void* ws, size_t bytes, cudaStream_t s) {
           return lbe::cuda::Forward(c.args, ws, bytes, s);
         });
       },
@@ -812,7 +813,7 @@ PYBIND11_MODULE(_core, m) {
         CudaBackwardCall c;
         FillBackward(c, xs, means, variances, grad_entropies, dxs, grad_means, grad_variances, ddof, dtype);
         const size_t need = lbe::cuda::BackwardWorkspaceBytes(c.args);
-        WithWorkspace(workspace, need, stream, [&](void* ws, size_t bytes, cudaStream_t s) {
+        WithWorkspace("cuda_backward", workspace, need, stream, [&](void* ws, size_t bytes, cudaStream_t s) {
           return lbe::cuda::Backward(c.args, ws, bytes, s);
         });
       },
