@@ -278,6 +278,30 @@ def test_emulated_cuda_tall_input_full_size(rng):
     check_forward(x, 1, e[0], m, v, offset=1e4)
 
 
+@pytest.mark.parametrize("variant", [
+    {"forward_target_items": 512, "backward_target_items": 1024},
+    {"forward_target_items": 4096, "backward_target_items": 8192, "forward_min_chunks": 1, "backward_min_chunks": 1},
+    {"forward_min_chunks": 4, "backward_min_chunks": 4},
+    {"forward_max_splits": 3},
+    {"row_segment_bytes": 1024},
+    {"row_segment_bytes": 4096},  # tiles wider than a block's threads: never split
+    {"row_segment_bytes": 16},
+], ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()))
+def test_emulated_cuda_kernels_under_tuning_variants(rng, variant):
+    before = _core._cuda_tuning()
+    try:
+        _core._set_cuda_tuning(**variant)
+        for shape, dtype in [((3000, 40), np.float32), ((600, 130), np.float16), ((40, 3000), np.float64),
+                             ((2500, 7), np.float32)]:
+            x = make_input(rng, shape, dtype, offset=100.0 if dtype != np.float16 else 0.0)
+            e, (m,), (v,), _ = _core._emulate_cuda_forward([x], block_order=2, seed=2)
+            check_forward(x, 1, e[0], m, v, offset=100.0 if dtype != np.float16 else 0.0)
+            (dx,), _ = _core._emulate_cuda_backward([x], [m], [v], [0.3], block_order=1)
+            check_backward(x, dx, ref_backward(x, 1, float(np.asarray(0.3, dtype)), mean=m, var=v))
+    finally:
+        _core._set_cuda_tuning(**before)
+
+
 def test_cuda_plan_tall_and_wide():
     tall = _core._cuda_plan([(65536, 64)], "float32")
     wide = _core._cuda_plan([(32, 1000000)], "float32")
