@@ -43,7 +43,7 @@ CHECK_SHAPES = [(2, 1), (3, 7), (128, 1000), (4097, 33), (5, 100003), (300, 64),
 TIME_SHAPES = [(128, 1000), (256, 4096), (1024, 1024), (2048, 2048), (4096, 4096), (8192, 8192),
                (65536, 64), (32, 1000000)]
 SPEEDUP_RANGE = [(128, 1000), (256, 4096), (1024, 1024), (2048, 2048), (4096, 4096)]  # the >= 3x target
-SWEEP_SHAPES = [(8192, 8192), (65536, 64), (32, 1000000), (128, 1000)]
+SWEEP_SHAPES = [(8192, 8192), (4096, 4096), (1024, 1024), (65536, 64), (32, 1000000), (128, 1000)]
 SWEEP_VARIANTS = [
     {},
     {"forward_target_items": 512, "backward_target_items": 1024},
@@ -593,7 +593,7 @@ def main(argv=None):
             for shape in SWEEP_SHAPES:
                 hit = [s for s in sweep if s["variant"] == variant and tuple(s["shape"]) == shape]
                 cells.append(f"{fmt_shape(shape)} {hit[0]['us']:.1f}" if hit and "us" in hit[0] else f"{fmt_shape(shape)} err")
-            print(f"  {json.dumps(variant) if variant else 'defaults':<62} " + " | ".join(cells))
+            print(f"  {json.dumps(variant) if variant else 'defaults'}\n      " + " | ".join(cells))
         print()
     print(f"device: {dev.info['device']}   date: {report['date']}   seed: {seed}")
     print(f"command: {report['command']}")
