@@ -375,7 +375,7 @@ def torch_composition(torch):
     return batch_entropy
 
 
-def time_shape(dev, core, shape, dtype, timer, include_torch=True):
+def time_shape(dev, core, shape, dtype, timer, include_torch=True, min_ms=25.0, reps=15):
     torch = dev.torch
     nbytes = int(np.prod(shape)) * torch.empty((), dtype=dev.tdtype(dtype)).element_size()
     n_sets = int(min(512, max(2, math.ceil(3 * dev.l2_bytes / nbytes))))
@@ -411,9 +411,10 @@ def time_shape(dev, core, shape, dtype, timer, include_torch=True):
     def copy(i):
         dxs[i].copy_(xs[i])
 
+    run = lambda fn, sets: timer.run(fn, sets, min_ms=min_ms, reps=reps)
     result = {"shape": list(shape), "dtype": dtype, "bytes": nbytes,
-              "ours": timer.run(ours, n_sets), "forward": timer.run(fwd, n_sets),
-              "backward": timer.run(bwd, n_sets), "copy": timer.run(copy, n_sets)}
+              "ours": run(ours, n_sets), "forward": run(fwd, n_sets),
+              "backward": run(bwd, n_sets), "copy": run(copy, n_sets)}
     if include_torch:
         lbe = torch_composition(torch)
         leaves = [x.detach().requires_grad_(True) for x in xs]  # same rotation beyond L2
@@ -423,7 +424,7 @@ def time_shape(dev, core, shape, dtype, timer, include_torch=True):
             torch.autograd.grad(h, leaves[i])
 
         try:
-            result["torch"] = timer.run(composition, len(leaves))
+            result["torch"] = run(composition, len(leaves))
         except Exception as exc:  # e.g. out of memory for the largest shapes
             result["torch_error"] = f"{type(exc).__name__}: {exc}"
     t = result["ours"]["median_us"] * 1e-6
@@ -496,6 +497,8 @@ def main(argv=None):
                         help="small shapes, checks only (for running under compute-sanitizer)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the tuning sweep")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--deadline-seconds", type=float, default=None,
+                        help="time this run may take: timings and the sweep are cut short to fit")
     args = parser.parse_args(argv)
 
     if args.core_dir:
@@ -503,6 +506,8 @@ def main(argv=None):
         import _core as core
     else:
         from lbe_ops import _core as core
+    started = time.time()
+    deadline = started + args.deadline_seconds if args.deadline_seconds else float("inf")
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     rng = np.random.default_rng(seed)
     log_lines = []
@@ -552,6 +557,10 @@ def main(argv=None):
             for dtype in time_dtypes:
                 if dtype == "float64" and shape not in [(1024, 1024), (8192, 8192)]:
                     continue  # float64: two sizes are enough
+                if time.time() > deadline - 20:
+                    log(f"time {fmt_shape(shape)} {dtype}: skipped (deadline)")
+                    timings.append({"shape": list(shape), "dtype": dtype, "error": "skipped: deadline"})
+                    continue
                 try:
                     r = time_shape(dev, core, shape, dtype, timer)
                 except Exception as exc:
@@ -567,8 +576,11 @@ def main(argv=None):
             for variant in SWEEP_VARIANTS:
                 core._set_cuda_tuning(**{**default, **variant})
                 for shape in SWEEP_SHAPES:
+                    if time.time() > deadline - 5:
+                        sweep.append({"variant": variant, "shape": list(shape), "error": "skipped: deadline"})
+                        continue
                     try:
-                        r = time_shape(dev, core, shape, "float32", timer, include_torch=False)
+                        r = time_shape(dev, core, shape, "float32", timer, include_torch=False, min_ms=10.0, reps=7)
                         sweep.append({"variant": variant, "shape": list(shape), "us": r["ours"]["median_us"],
                                       "fwd_us": r["forward"]["median_us"], "bwd_us": r["backward"]["median_us"],
                                       "pct_copy": r["pct_copy"]})
@@ -584,34 +596,38 @@ def main(argv=None):
         with open(os.path.splitext(out_path)[0] + ".log", "w") as f:
             f.write("\n".join(log_lines) + "\n")
 
-    # ---- the summary, last ------------------------------------------------------------------
-    print()
+    # ---- the summary, last (also saved, for gpu_check.sh to print again at its very end) ------
+    out = []
     if sweep:
-        print("tuning sweep (float32, fwd+bwd us; first row = defaults):")
+        out.append("tuning sweep (float32, fwd+bwd us; first row = defaults):")
         for variant in SWEEP_VARIANTS:
             cells = []
             for shape in SWEEP_SHAPES:
-                hit = [s for s in sweep if s["variant"] == variant and tuple(s["shape"]) == shape]
+                hit = [r for r in sweep if r["variant"] == variant and tuple(r["shape"]) == shape]
                 cells.append(f"{fmt_shape(shape)} {hit[0]['us']:.1f}" if hit and "us" in hit[0] else f"{fmt_shape(shape)} err")
-            print(f"  {json.dumps(variant) if variant else 'defaults'}\n      " + " | ".join(cells))
-        print()
-    print(f"device: {dev.info['device']}   date: {report['date']}   seed: {seed}")
-    print(f"command: {report['command']}")
+            out.append(f"  {json.dumps(variant) if variant else 'defaults'}")
+            out.append("      " + " | ".join(cells))
+        out.append("")
+    out.append(f"device: {dev.info['device']}   date: {report['date']}   seed: {seed}")
+    out.append(f"command: {report['command']}")
     if "peak_copy" in report:
-        print(f"copy bandwidth (1 GiB, read + write): {report['peak_copy']['gbps']:.0f} GB/s")
-    print(f"correctness: {len(checks) - len(failed)}/{len(checks)} cases passed "
-          f"(float64 reference, NaN-poisoned outputs, two runs bit-identical)")
+        out.append(f"copy bandwidth (1 GiB, read + write): {report['peak_copy']['gbps']:.0f} GB/s")
+    out.append(f"correctness: {len(checks) - len(failed)}/{len(checks)} cases passed "
+               f"(float64 reference, NaN-poisoned outputs, two runs bit-identical)")
     for r in failed[:10]:
-        print("  FAILED:", json.dumps({k: r.get(k) for k in ("case", "shape", "dtype", "ddof", "error",
-                                                             "forward_err", "backward_err", "all_written",
-                                                             "deterministic")}))
+        out.append("  FAILED: " + json.dumps({k: r.get(k) for k in ("case", "shape", "dtype", "ddof", "error",
+                                                                     "forward_err", "backward_err",
+                                                                     "all_written", "deterministic")}))
     if timings:
-        print()
-        print(format_table(timings))
-        for line in target_lines(timings):
-            print(line)
+        out.append("")
+        out.append(format_table(timings))
+        out += target_lines(timings)
     if out_path:
-        print(f"results: {out_path}")
+        out.append(f"results: {out_path}")
+        with open(os.path.splitext(out_path)[0] + ".summary.txt", "w") as f:
+            f.write("\n".join(out) + "\n")
+    print()
+    print("\n".join(out))
     return 1 if failed else 0
 
 

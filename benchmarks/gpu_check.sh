@@ -3,11 +3,12 @@
 # this GPU, check them against a float64 reference, time them against PyTorch and a copy, and
 # print the table last. Needs nvcc, CMake, pybind11, numpy and PyTorch (ninja if present).
 #
-#   bash benchmarks/gpu_check.sh              # everything (about 5 minutes on an H100)
+#   bash benchmarks/gpu_check.sh              # everything, within about 9 minutes
 #   bash benchmarks/gpu_check.sh --quick      # fewer shapes and dtypes, no sweep
 #
 # Environment: OUT (results folder; default build/gpu/results), PYTHON (default python3),
-# LBE_CUDA_ARCH (CMAKE_CUDA_ARCHITECTURES, default 90), LBE_SANITIZE=0 to skip compute-sanitizer.
+# LBE_CUDA_ARCH (CMAKE_CUDA_ARCHITECTURES, default 90), LBE_SANITIZE=0 to skip compute-sanitizer,
+# LBE_TIME_BUDGET (seconds the whole script may take; default 560).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -76,21 +77,34 @@ for name, c in counts.items():
 SASS
 fi
 
-# ---- memory and race checks on small shapes (the emulation covers logic; this covers the GPU) --
+# ---- checks, timings, sweep ----------------------------------------------------------------------
+# Leave about two minutes of the budget for the sanitizer runs below.
+"$PY" benchmarks/gpu_check.py --core-dir "$BUILD/out" --json "$OUT/gpu_check.json" \
+    --deadline-seconds $(( ${LBE_TIME_BUDGET:-560} - SECONDS - 120 )) "$@"
+status=$?
+
+# ---- memory and race checks on small shapes, in the time that is left ------------------------
+# (the emulation covers the kernels' logic; this covers the GPU itself). The whole script should
+# end within LBE_TIME_BUDGET seconds (default 560, under a 10-minute limit).
 if [ "${LBE_SANITIZE:-1}" != "0" ] && command -v compute-sanitizer >/dev/null 2>&1; then
   for tool in memcheck racecheck; do
-    echo "compute-sanitizer --tool $tool (small shapes) ..."
+    left=$(( ${LBE_TIME_BUDGET:-560} - SECONDS - 15 ))
+    if [ "$left" -lt 40 ]; then echo "compute-sanitizer $tool: skipped (no time left)"; continue; fi
+    [ "$left" -gt 150 ] && left=150
+    echo "compute-sanitizer --tool $tool (small shapes, at most ${left}s) ..."
     # Without PyTorch's caching allocator every tensor is its own allocation, so memcheck sees
     # accesses past its end (inside a cached segment it could not).
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 3 \
-        "$PY" benchmarks/gpu_check.py \
-        --core-dir "$BUILD/out" --smoke --json "$OUT/sanitizer_$tool.json" > "$OUT/sanitizer_$tool.log" 2>&1
-    echo "  $tool exit status $? ($(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer_$tool.log" | tail -1))"
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$left" compute-sanitizer --tool "$tool" --error-exitcode 3 \
+        "$PY" benchmarks/gpu_check.py --core-dir "$BUILD/out" --smoke --json "$OUT/sanitizer_$tool.json" \
+        > "$OUT/sanitizer_$tool.log" 2>&1
+    rc=$?
+    echo "  $tool: exit status $rc ($(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer_$tool.log" | tail -1);" \
+         "$(grep -E "^correctness:" "$OUT/sanitizer_$tool.log" | tail -1))"
   done
 fi
 
-# ---- checks, timings, sweep; the table comes last ---------------------------------------------
-"$PY" benchmarks/gpu_check.py --core-dir "$BUILD/out" --json "$OUT/gpu_check.json" "$@"
-status=$?
-echo "(full results in $OUT: gpu_check.json, gpu_check.log, build.log, ptxas.txt, sass_summary.txt)"
+echo
+echo "(full results in $OUT: gpu_check.json/.log, build.log, ptxas.txt, sass_summary.txt, sanitizer_*.log)"
+echo "================================ summary ================================"
+cat "$OUT/gpu_check.summary.txt" 2>/dev/null
 exit $status
