@@ -12,20 +12,23 @@ namespace {
 
 // Resident blocks per SM the register allocation must allow (read off ptxas -v for sm_80/sm_90):
 // the largest count without spills. Two blocks of 256 threads with kChunkRows loads of 16 bytes
-// each keep 64 KB per SM in flight, over twice what an H100 needs to cover memory latency.
+// (8 for 16-bit types, which get three blocks) keep 48-64 KB per SM in flight, over twice what an
+// H100 needs to cover memory latency.
 template <typename E> struct MinBlocks { static constexpr int kForward = 2, kBackward = 3; };
 template <> struct MinBlocks<double> { static constexpr int kForward = 2, kBackward = 2; };
 template <> struct MinBlocks<kernels::Half> { static constexpr int kForward = 3, kBackward = 3; };
 template <> struct MinBlocks<kernels::BFloat16> { static constexpr int kForward = 3, kBackward = 3; };
 
 template <typename E>
-__global__ void __launch_bounds__(kThreads, MinBlocks<E>::kForward) ForwardKernel(const __grid_constant__ ForwardParams params) {
+__global__ void __launch_bounds__(kThreads, MinBlocks<E>::kForward)
+    ForwardKernel(const __grid_constant__ ForwardParams params) {
   __shared__ kernels::ForwardShared<E> shared;
   kernels::ForwardBlock<E>(params, shared);
 }
 
 template <typename E>
-__global__ void __launch_bounds__(kThreads, MinBlocks<E>::kBackward) BackwardKernel(const __grid_constant__ BackwardParams params) {
+__global__ void __launch_bounds__(kThreads, MinBlocks<E>::kBackward)
+    BackwardKernel(const __grid_constant__ BackwardParams params) {
   kernels::BackwardBlock<E>(params);
 }
 

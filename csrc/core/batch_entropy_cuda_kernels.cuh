@@ -6,8 +6,8 @@
 // small set of primitives below.
 //
 // Forward, per block (one work item: a tile of units x a split of the batch):
-//   1. each thread walks its rows kChunkRows at a time (kChunkRows independent 16-byte loads in
-//      flight), takes the exact two-pass mean and M2 of the chunk in registers, and merges it into
+//   1. each thread walks its rows kChunkRows at a time (kChunkRows independent vector loads in
+//      flight: 16 bytes, 8 for 16-bit types), takes the exact two-pass mean and M2 of the chunk in registers, and merges it into
 //      its running (n, mean, M2) with Chan's update: offsets of 1e4 x std cost no accuracy;
 //   2. the block's row lanes are merged in a fixed tree in shared memory;
 //   3. a tile whose batch is not split writes mean and variance; otherwise the block writes its
@@ -16,7 +16,7 @@
 //   4. each tile's sum of H_j goes to the workspace; the last tile of a tensor to finish sums them
 //      in tile order and writes the entropy.
 // Backward, per block: dx = (x - mean_j) * s_j + t_j with per-unit s_j, t_j in registers; x read
-// once and dx written once, kChunkRows 16-byte loads in flight per thread.
+// once and dx written once, kChunkRows vector loads in flight per thread.
 #ifndef LBE_OPS_CORE_BATCH_ENTROPY_CUDA_KERNELS_CUH_
 #define LBE_OPS_CORE_BATCH_ENTROPY_CUDA_KERNELS_CUH_
 
@@ -104,7 +104,7 @@ using emulation::Log1p;
 LBE_DEVICE float BFloat16ToFloat(uint16_t b) { return AsFloat(static_cast<uint32_t>(b) << 16); }
 
 // ------------------------------------------------------------------------------------------
-// Element types: storage bits, accumulation type, units per 16-byte vector
+// Element types: storage bits, accumulation type, units per vector access
 // ------------------------------------------------------------------------------------------
 struct Half {};
 struct BFloat16 {};

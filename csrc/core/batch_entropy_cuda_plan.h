@@ -25,7 +25,7 @@ namespace cuda {
 
 constexpr int kThreads = 256;
 constexpr int kLog2Threads = 8;
-// Rows a thread loads before it reduces them: kChunkRows independent 16-byte loads in flight per
+// Rows a thread loads before it reduces them: kChunkRows independent vector loads in flight per
 // thread, and an exact two-pass mean/M2 over the chunk in registers.
 constexpr int kChunkRows = 8;
 // Groups of up to this many tensors pass their descriptors as kernel parameters (no copy);
