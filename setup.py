@@ -38,6 +38,36 @@ def _tensorflow_flags():
     return (tf.sysconfig.get_compile_flags(), tf.sysconfig.get_link_flags(), tf.__version__)
 
 
+def _build_tensorflow():
+    """(distribution, version) of the TensorFlow this build compiles against, without importing
+    it (metadata is prepared before the build and should stay cheap); (None, None) if absent."""
+    from importlib import metadata
+    names = metadata.packages_distributions().get("tensorflow", [])
+    for name in [*names, "tensorflow-cpu", "tensorflow", "tensorflow-gpu", "tf-nightly"]:
+        try:
+            return name, metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None, None
+
+
+def _long_description():
+    """README plus a statement of the TensorFlow the compiled op was built for: the wheel's
+    METADATA says it (as do its extras, `tensorflow-cpu==X.Y.*; extra == "cpu"`, and the
+    lbe_ops/_build_info.json it carries, which the loader checks at import)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    dist, version = _build_tensorflow()
+    if version:
+        series = ".".join(version.split(".")[:2])
+        text += (
+            "\n\n## This build\n\n"
+            f"Built for TensorFlow {series} (compiled against {dist}=={version}). The compiled op "
+            f"loads into TensorFlow {series}.x, either `tensorflow` or `tensorflow-cpu`; with any "
+            "other TensorFlow version `import lbe_ops` gives one RuntimeWarning and uses the "
+            "pure-TensorFlow implementation (same numbers, slower).\n")
+    return text
+
+
 class CMakeBuild(build_ext):
     def build_extensions(self):
         # All the libraries come out of one CMake build; build it once.
@@ -69,6 +99,8 @@ class CMakeBuild(build_ext):
 
 
 setup(
+    long_description=_long_description(),
+    long_description_content_type="text/markdown",
     ext_modules=[CMakeExtension("lbe_ops._lbe_ops"), CMakeExtension("lbe_ops._core")],
     cmdclass={"build_ext": CMakeBuild},
 )
