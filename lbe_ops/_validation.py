@@ -17,6 +17,20 @@ def accumulator_dtype(dtype):
     return tf.float64 if dtype == tf.float64 else tf.float32
 
 
+def result_dtype(xs, dtype=None):
+    """The dtype of batch_entropies' vector: dtype if given, else the tensors' common dtype
+    (float32, or float64 if any tensor is float64, when they differ)."""
+    if dtype is not None:
+        dtype = tf.as_dtype(dtype)
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype.name}")
+        return dtype
+    dtypes = {x.dtype for x in xs}
+    if len(dtypes) == 1:
+        return xs[0].dtype
+    return tf.float64 if tf.float64 in dtypes else tf.float32
+
+
 def check_ddof(ddof):
     if isinstance(ddof, bool) or not isinstance(ddof, numbers.Integral) or ddof < 0:
         raise ValueError(f"ddof must be a non-negative integer, got {ddof!r}")

@@ -67,43 +67,73 @@ def batch_entropy_moments(x, ddof=1):
     return reference.moments(x, ddof)
 
 
-def batch_entropy(x, ddof=1):
+_HALF_DTYPES = (tf.float16, tf.bfloat16)
+
+
+def _wider_than(dtype, input_dtype):
+    """True when the result dtype keeps more precision than the op's half-precision output."""
+    return input_dtype in _HALF_DTYPES and dtype not in _HALF_DTYPES
+
+
+def _entropies_from_variances(variances, dtype):
+    """Entropies from the ops' float32 variances, for results wider than a half input: the
+    vector is never rounded to 8 or 11 bits. Gradients flow through the variance outputs."""
+    unit_entropy = 0.5 * tf.math.log1p(reference.PI_E * tf.concat(variances, axis=0))
+    sizes = [tf.size(v) for v in variances]
+    segment_ids = tf.repeat(tf.range(len(variances)), sizes)
+    return tf.cast(tf.math.segment_mean(unit_entropy, segment_ids), dtype)
+
+
+def batch_entropy(x, ddof=1, dtype=None):
     """The batch entropy of one activation tensor [B, d1, ...]: a differentiable scalar.
 
     H = mean_j 0.5 * ln(pi * e * var_j + 1) over the units j (the flattened trailing
     dimensions), with var_j the variance over the batch with `ddof` delta degrees of freedom.
+    The result has x's dtype, or `dtype` (e.g. tf.float32 for float16 activations: computed
+    from the float32 statistics, not rounded to half precision first).
     """
-    return batch_entropy_moments(x, ddof)[0]
+    ddof = _validation.check_ddof(ddof)
+    x = _validation.check_input(x, ddof)
+    dtype = _validation.result_dtype([x], dtype)
+    if not _loader.use_op():
+        return reference.moments(x, ddof, entropy_dtype=dtype)[0]
+    entropy, _, variance = _op_single(x, ddof)
+    if _wider_than(dtype, x.dtype):
+        return _entropies_from_variances([variance], dtype)[0]
+    return tf.cast(entropy, dtype)
 
 
-def _result_dtype(xs):
-    dtypes = {x.dtype for x in xs}
-    if len(dtypes) == 1:
-        return xs[0].dtype
-    return tf.float64 if tf.float64 in dtypes else tf.float32
-
-
-def batch_entropies(xs, ddof=1):
+def batch_entropies(xs, ddof=1, dtype=None):
     """Batch entropies of a list of tensors (shapes may differ), as a vector [len(xs)].
 
     With the op backend, all tensors of one dtype go through one Lbe>BatchEntropies op (one
-    thread-pool dispatch, one kernel launch on GPU). The vector has the tensors' dtype when they
-    share one, else float32 (float64 if any tensor is float64).
+    thread-pool dispatch, one kernel launch on GPU). The vector has `dtype`, by default the
+    tensors' common dtype (float32, or float64 if any is float64, when they differ); ask for
+    tf.float32 with half-precision activations to keep the entropies unrounded.
     """
     ddof = _validation.check_ddof(ddof)
     xs = _validation.check_list(xs, ddof)
-    out_dtype = _result_dtype(xs)
+    out_dtype = _validation.result_dtype(xs, dtype)
     if not _loader.use_op():
-        return tf.stack([tf.cast(reference.moments(x, ddof, name=f"xs[{i}]")[0], out_dtype)
+        return tf.stack([reference.moments(x, ddof, name=f"xs[{i}]", entropy_dtype=out_dtype)[0]
                          for i, x in enumerate(xs)])
     groups = {}
     for i, x in enumerate(xs):
         groups.setdefault(x.dtype, []).append(i)
-    if len(groups) == 1:
-        return _op_group(xs, ddof)[0]
     parts = [None] * len(xs)
-    for dtype, indices in groups.items():
-        entropies = tf.cast(_op_group([xs[i] for i in indices], ddof)[0], out_dtype)
+    for input_dtype, indices in groups.items():
+        entropies, _, variances = _op_group_split([xs[i] for i in indices], ddof)
+        if _wider_than(out_dtype, input_dtype):
+            entropies = _entropies_from_variances(variances, out_dtype)
+        else:
+            entropies = tf.cast(entropies, out_dtype)
+        if len(groups) == 1:
+            return entropies
         for k, i in enumerate(indices):
             parts[i] = entropies[k]
     return tf.stack(parts)
+
+
+def _op_group_split(xs, ddof):
+    entropies, means, variances = _op_group(xs, ddof)  # the wrapper nests the list outputs
+    return entropies, list(means), list(variances)

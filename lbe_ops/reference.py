@@ -37,10 +37,11 @@ def _in_xla_context():
     return _loader.in_xla_context()
 
 
-def moments(x, ddof=1, name="x"):
+def moments(x, ddof=1, name="x", entropy_dtype=None):
     """Returns (entropy, mean, variance) of x viewed as [B, U].
 
-    entropy has x's dtype; mean and variance ([U]) are in the accumulator dtype.
+    entropy has x's dtype (or entropy_dtype); mean and variance ([U]) are in the accumulator
+    dtype.
     """
     ddof = _validation.check_ddof(ddof)
     x = _validation.check_input(x, ddof, name=name)
@@ -53,22 +54,23 @@ def moments(x, ddof=1, name="x"):
     variance = tf.reduce_sum(tf.square(centered), axis=0) / denom
     unit_entropy = 0.5 * tf.math.log1p(tf.constant(PI_E, acc) * variance)
     entropy = tf.reduce_mean(unit_entropy)
-    return tf.cast(entropy, x.dtype), mean, variance
+    return tf.cast(entropy, entropy_dtype or x.dtype), mean, variance
 
 
-def batch_entropy(x, ddof=1):
+def batch_entropy(x, ddof=1, dtype=None):
     """Batch entropy of one activation tensor [B, d1, ...]: a differentiable scalar."""
-    return moments(x, ddof)[0]
+    return moments(x, ddof, entropy_dtype=dtype)[0]
 
 
-def batch_entropies(xs, ddof=1):
+def batch_entropies(xs, ddof=1, dtype=None):
     """Batch entropy of each tensor of a list, as a vector (tensors may differ in shape).
 
-    The result has the dtype of the first tensor; every entry is computed in its own
-    tensor's accumulator dtype.
+    The vector has `dtype`, by default the tensors' common dtype (float32, or float64 if any
+    is float64, when they differ); every entry is computed in its own tensor's accumulator
+    dtype.
     """
     ddof = _validation.check_ddof(ddof)
     xs = _validation.check_list(xs, ddof)
-    out_dtype = xs[0].dtype
-    return tf.stack([tf.cast(moments(x, ddof, name=f"xs[{i}]")[0], out_dtype)
+    out_dtype = _validation.result_dtype(xs, dtype)
+    return tf.stack([moments(x, ddof, name=f"xs[{i}]", entropy_dtype=out_dtype)[0]
                      for i, x in enumerate(xs)])

@@ -263,9 +263,9 @@ def test_entropies_of_all_layers_come_from_one_batch_entropies_call(rng, monkeyp
     calls = []
     original = lbe_ops.ops.batch_entropies
 
-    def counting(xs, ddof=1):
+    def counting(xs, ddof=1, dtype=None):
         calls.append(len(xs))
-        return original(xs, ddof=ddof)
+        return original(xs, ddof=ddof, dtype=dtype)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("per-layer batch_entropy called inside an LBEModel step")

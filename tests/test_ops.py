@@ -242,3 +242,25 @@ def test_static_shapes_are_inferred():
         return h
 
     fn(tf.ones([3, 4, 5]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16], ids=lambda d: d.name)
+def test_float32_result_for_half_inputs_is_not_rounded(rng, backend, dtype):
+    xs, x64s = zip(*[make_input(rng, s, dtype) for s in [(64, 300), (16, 7), (9, 2, 3)]])
+    weights = tf.constant([1.0, -2.0, 0.5])
+    with lbe_ops.use_backend(backend):
+        with tf.GradientTape() as tape:
+            tape.watch(xs)
+            hs = lbe_ops.batch_entropies(list(xs), dtype=tf.float32)
+            total = tf.reduce_sum(weights * hs)
+        grads = tape.gradient(total, xs)
+        single = lbe_ops.batch_entropy(xs[0], dtype="float32")
+    assert hs.dtype == tf.float32 and single.dtype == tf.float32
+    for i, x64 in enumerate(x64s):
+        # float32 accuracy, far better than the input dtype's own rounding of H.
+        np.testing.assert_allclose(float(hs[i]), np_entropy(x64), rtol=2e-6)
+        assert_grad_close(grads[i], float(weights[i]) * np_entropy_grad(x64), GRAD_RTOL[dtype])
+    assert float(single) == float(hs[0])
+    with pytest.raises(TypeError, match="dtype"):
+        lbe_ops.batch_entropies(list(xs), dtype=tf.int32)
