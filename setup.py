@@ -45,7 +45,7 @@ def _build_tensorflow():
     names = metadata.packages_distributions().get("tensorflow", [])
     for name in [*names, "tensorflow-cpu", "tensorflow", "tensorflow-gpu", "tf-nightly"]:
         try:
-            return name, metadata.version(name)
+            return name.replace("_", "-").lower(), metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
     return None, None
