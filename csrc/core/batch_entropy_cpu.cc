@@ -1,5 +1,8 @@
 #include "batch_entropy_cpu.h"
 
+#include <cstdlib>
+#include <cstring>
+
 namespace lbe {
 namespace cpu {
 
@@ -12,10 +15,15 @@ void BackwardAvx2(const BackwardArgs& args, const ParallelFor& pf);
 
 namespace {
 
+// LBE_OPS_CPU_ISA=generic forces the portable kernels (to test them on an AVX2 machine).
 bool UseAvx2() {
 #if defined(LBE_OPS_HAVE_AVX2)
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                                __builtin_cpu_supports("f16c");
+  static const bool supported = [] {
+    const char* forced = std::getenv("LBE_OPS_CPU_ISA");
+    if (forced != nullptr && std::strcmp(forced, "generic") == 0) return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  }();
   return supported;
 #else
   return false;

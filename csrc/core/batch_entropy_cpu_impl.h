@@ -2,22 +2,39 @@
 // batch_entropy_cpu_generic.cc and batch_entropy_cpu_avx2.cc), inside the namespace that
 // LBE_CPU_ISA names; batch_entropy_cpu.cc picks one at run time.
 //
-// Statistics per unit block and row segment: for each chunk of kChunkRows rows, a sum pass and a
-// centering pass (the chunk is in cache for the second), giving (n, mean, M2); chunks and then
-// segments are merged pairwise (Chan et al.), so a mean far larger than the spread stays exact
-// to rounding and the error grows with log(batch), not batch.
+// Forward, per work item (a block of units over a segment of rows, see batch_entropy_cpu_plan.h):
+// for each chunk of kChunkRows rows, a sum pass and a centering pass (the chunk is still in cache
+// for the second), giving (n, mean, M2); chunks and then segments are merged pairwise (Chan et
+// al.), so a mean far larger than the spread stays exact to rounding and the error grows with
+// log(batch), not batch. Both passes walk the rows front to back, four rows at a time, with the
+// unit loop innermost and vectorized (GCC vector extensions: 256-bit AVX2 in the avx2 build, pairs
+// of SSE2 registers in the generic one); units past the last full vector take a scalar loop with
+// the same arithmetic.
+// Backward: dx = (x - mean) * s + t per unit, x read once and dx written once, a run of whole rows
+// per item where the rows are narrow enough.
 #ifndef LBE_CPU_ISA
 #error "define LBE_CPU_ISA before including batch_entropy_cpu_impl.h"
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__F16C__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "batch_entropy_common.h"
 #include "batch_entropy_cpu.h"
 #include "batch_entropy_cpu_plan.h"
+
+// Everything below is internal to one translation unit (inlined, never passed across the
+// ISA boundary), so the ABI of 256-bit vectors in the generic build does not matter. (Not popped:
+// GCC reports the warning at the end of the including file.)
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace lbe {
 namespace cpu {
@@ -26,16 +43,58 @@ namespace LBE_CPU_ISA {
 struct Half { uint16_t bits; };
 struct BFloat16 { uint16_t bits; };
 
+// 256-bit vectors; the unaligned variants are for loads and stores at any element boundary.
+typedef float F8 __attribute__((vector_size(32)));
+typedef float F8u __attribute__((vector_size(32), aligned(4), may_alias));
+typedef double D4 __attribute__((vector_size(32)));
+typedef double D4u __attribute__((vector_size(32), aligned(8), may_alias));
+typedef float F4 __attribute__((vector_size(16)));
+typedef int32_t I8 __attribute__((vector_size(32)));
+typedef int64_t I4 __attribute__((vector_size(32)));
+typedef uint64_t U4 __attribute__((vector_size(32)));
+typedef uint32_t U8 __attribute__((vector_size(32)));
+typedef uint16_t H8 __attribute__((vector_size(16)));
+typedef uint16_t H8u __attribute__((vector_size(16), aligned(2), may_alias));
+
+template <typename Acc> struct Simd;
+template <> struct Simd<float> {
+  using V = F8;
+  static constexpr int64_t kLanes = 8;
+  static inline V Load(const float* p) { return *reinterpret_cast<const F8u*>(p); }
+  static inline void Store(float* p, V v) { *reinterpret_cast<F8u*>(p) = v; }
+};
+template <> struct Simd<double> {
+  using V = D4;
+  static constexpr int64_t kLanes = 4;
+  static inline V Load(const double* p) { return *reinterpret_cast<const D4u*>(p); }
+  static inline void Store(double* p, V v) { *reinterpret_cast<D4u*>(p) = v; }
+};
+
+// The bits of one value as another type of the same size (std::bit_cast before C++20).
+template <typename To, typename From>
+inline To Bits(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "Bits needs types of one size");
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
+}
+
+// Element access: one element (Load/Store) or one vector of Simd<Acc>::kLanes (LoadV/StoreV),
+// converting to and from the accumulation type.
 template <typename T> struct Elem;
 template <> struct Elem<float> {
   using Acc = float;
   static inline float Load(const float* p) { return *p; }
   static inline void Store(float* p, float v) { *p = v; }
+  static inline F8 LoadV(const float* p) { return Simd<float>::Load(p); }
+  static inline void StoreV(float* p, F8 v) { Simd<float>::Store(p, v); }
 };
 template <> struct Elem<double> {
   using Acc = double;
   static inline double Load(const double* p) { return *p; }
   static inline void Store(double* p, double v) { *p = v; }
+  static inline D4 LoadV(const double* p) { return Simd<double>::Load(p); }
+  static inline void StoreV(double* p, D4 v) { Simd<double>::Store(p, v); }
 };
 template <> struct Elem<Half> {
   using Acc = float;
@@ -47,6 +106,33 @@ template <> struct Elem<Half> {
   static inline void Store(Half* p, float v) {
     const _Float16 h = static_cast<_Float16>(v);
     std::memcpy(p, &h, sizeof(h));
+  }
+  static inline F8 LoadV(const Half* p) {
+#if defined(__F16C__)
+    return Bits<F8>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+    // Exact without F16C and immune to denormals-are-zero: subnormal halves go through an
+    // integer-to-float conversion instead of a subnormal float.
+    const U8 w = __builtin_convertvector(*reinterpret_cast<const H8u*>(p), U8);
+    const U8 magnitude = w & 0x7fffu;
+    const U8 sign = (w & 0x8000u) << 16;
+    const U8 normal = (magnitude << 13) + ((127u - 15u) << 23);
+    const U8 special = (magnitude << 13) | 0x7f800000u;  // inf and NaN
+    const F8 subnormal = __builtin_convertvector(Bits<I8>(magnitude), F8) *
+                         0x1p-24f;
+    U8 bits = magnitude < 0x400u ? Bits<U8>(subnormal) : normal;
+    bits = magnitude >= 0x7c00u ? special : bits;
+    bits |= sign;
+    return Bits<F8>(bits);
+#endif
+  }
+  static inline void StoreV(Half* p, F8 v) {
+#if defined(__F16C__)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                     _mm256_cvtps_ph(Bits<__m256>(v), _MM_FROUND_TO_NEAREST_INT));
+#else
+    for (int k = 0; k < 8; ++k) Store(p + k, v[k]);
+#endif
   }
 };
 template <> struct Elem<BFloat16> {
@@ -67,7 +153,50 @@ template <> struct Elem<BFloat16> {
     bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest, ties to even
     p->bits = static_cast<uint16_t>(bits >> 16);
   }
+  static inline F8 LoadV(const BFloat16* p) {
+    const U8 bits = __builtin_convertvector(*reinterpret_cast<const H8u*>(p), U8) << 16;
+    return Bits<F8>(bits);
+  }
+  static inline void StoreV(BFloat16* p, F8 v) {
+    const U8 bits = Bits<U8>(v);
+    const U8 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    const U8 quiet_nan = (bits >> 16) | 0x40u;
+    const U8 out = (bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded;
+    *reinterpret_cast<H8u*>(p) = __builtin_convertvector(out, H8);
+  }
 };
+
+// The same arithmetic on one vector (kVec) or on one element; the unit loops below run the vector
+// form over whole vectors and the scalar form over the remaining units.
+template <typename T, bool kVec>
+struct Lane {
+  using Acc = typename Elem<T>::Acc;
+  using V = std::conditional_t<kVec, typename Simd<Acc>::V, Acc>;
+  static constexpr int64_t kWidth = kVec ? Simd<Acc>::kLanes : 1;
+  static inline V Load(const T* p) {
+    if constexpr (kVec) return Elem<T>::LoadV(p); else return Elem<T>::Load(p);
+  }
+  static inline void Store(T* p, V v) {
+    if constexpr (kVec) Elem<T>::StoreV(p, v); else Elem<T>::Store(p, v);
+  }
+  static inline V LoadAcc(const Acc* p) {
+    if constexpr (kVec) return Simd<Acc>::Load(p); else return *p;
+  }
+  static inline void StoreAcc(Acc* p, V v) {
+    if constexpr (kVec) Simd<Acc>::Store(p, v); else *p = v;
+  }
+  static inline V Splat(Acc a) { return V{} + a; }
+};
+
+// Units [0, width) as whole vectors, then one at a time: body(std::bool_constant<kVec>, j).
+template <typename T, typename Body>
+inline void ForUnits(int64_t width, Body&& body) {
+  constexpr int64_t kLanes = Simd<typename Elem<T>::Acc>::kLanes;
+  const int64_t vec_end = width / kLanes * kLanes;
+  int64_t j = 0;
+  for (; j < vec_end; j += kLanes) body(std::true_type{}, j);
+  for (; j < width; ++j) body(std::false_type{}, j);
+}
 
 // Running statistics of one unit block over some rows, held in caller-provided arrays.
 template <typename Acc>
@@ -96,43 +225,114 @@ inline void Merge(Moments<Acc>& a, const Moments<Acc>& b, int64_t width) {
   a.n = n;
 }
 
+// Scratch memory of the calling thread, reused across calls (no allocation per work item).
+template <typename Acc>
+inline Acc* Scratch(size_t elements) {
+  thread_local std::vector<Acc> buffer;
+  if (buffer.size() < elements) buffer.resize(elements);
+  return buffer.data();
+}
+
 // A stack of partial moments merged like a binary counter: pairwise summation of moments.
 template <typename Acc>
 class PairwiseMerger {
  public:
-  PairwiseMerger(int64_t width, int64_t max_parts) : width_(width) {
+  PairwiseMerger(int64_t width, int64_t max_parts, Acc* storage) : width_(width), storage_(storage) {
+    while ((int64_t{1} << (levels_ - 2)) < max_parts) ++levels_;
+  }
+  static int64_t StorageElements(int64_t width, int64_t max_parts) {
     int levels = 2;
     while ((int64_t{1} << (levels - 2)) < max_parts) ++levels;
-    storage_.resize(static_cast<size_t>(levels) * 2 * width);
-    parts_.reserve(levels);
+    return static_cast<int64_t>(levels) * 2 * width;
   }
   // The next free slot; fill its arrays, then call Push.
   Moments<Acc> Slot() {
-    const size_t k = parts_.size();
-    return Moments<Acc>{0, storage_.data() + 2 * k * width_, storage_.data() + (2 * k + 1) * width_};
+    const int64_t k = size_;
+    return Moments<Acc>{0, storage_ + 2 * k * width_, storage_ + (2 * k + 1) * width_};
   }
   void Push(const Moments<Acc>& m) {
-    parts_.push_back(m);
+    parts_[size_++] = m;
     ++pushed_;
-    for (int64_t count = pushed_; count % 2 == 0 && parts_.size() >= 2; count /= 2) MergeTop();
+    for (int64_t count = pushed_; count % 2 == 0 && size_ >= 2; count /= 2) MergeTop();
   }
   // Merges what is left, latest into earlier; the result is in the first slot.
   Moments<Acc> Finish() {
-    while (parts_.size() > 1) MergeTop();
-    return parts_.front();
+    while (size_ > 1) MergeTop();
+    return parts_[0];
   }
 
  private:
   void MergeTop() {
-    Moments<Acc> b = parts_.back();
-    parts_.pop_back();
-    Merge(parts_.back(), b, width_);
+    --size_;
+    Merge(parts_[size_ - 1], parts_[size_], width_);
   }
   int64_t width_;
+  Acc* storage_;
+  int levels_ = 2;
+  int size_ = 0;
   int64_t pushed_ = 0;
-  std::vector<Acc> storage_;
-  std::vector<Moments<Acc>> parts_;
+  Moments<Acc> parts_[66];
 };
+
+// Sum pass over rows [rb, re) of one chunk: sum[j] = sum of x[r, j], four rows at a time.
+template <typename T>
+inline void ChunkSum(const T* x, int64_t cols, int64_t rb, int64_t re, int64_t width,
+                     typename Elem<T>::Acc* __restrict__ sum) {
+  ForUnits<T>(width, [&](auto vec, int64_t j) { using L = Lane<T, decltype(vec)::value>;
+    L::StoreAcc(sum + j, L::Splat(0));
+  });
+  int64_t r = rb;
+  for (; r + 4 <= re; r += 4) {
+    const T* __restrict__ x0 = x + r * cols;
+    const T* __restrict__ x1 = x0 + cols;
+    const T* __restrict__ x2 = x1 + cols;
+    const T* __restrict__ x3 = x2 + cols;
+    ForUnits<T>(width, [&](auto vec, int64_t j) {
+      using L = Lane<T, decltype(vec)::value>;
+      L::StoreAcc(sum + j, L::LoadAcc(sum + j) + ((L::Load(x0 + j) + L::Load(x1 + j)) +
+                                                  (L::Load(x2 + j) + L::Load(x3 + j))));
+    });
+  }
+  for (; r < re; ++r) {
+    const T* __restrict__ x0 = x + r * cols;
+    ForUnits<T>(width, [&](auto vec, int64_t j) {
+      using L = Lane<T, decltype(vec)::value>;
+      L::StoreAcc(sum + j, L::LoadAcc(sum + j) + L::Load(x0 + j));
+    });
+  }
+}
+
+// Centering pass: m2[j] = sum of (x[r, j] - mean[j])^2 over the chunk, four rows at a time.
+template <typename T>
+inline void ChunkM2(const T* x, int64_t cols, int64_t rb, int64_t re, int64_t width,
+                    const typename Elem<T>::Acc* __restrict__ mean,
+                    typename Elem<T>::Acc* __restrict__ m2) {
+  ForUnits<T>(width, [&](auto vec, int64_t j) { using L = Lane<T, decltype(vec)::value>;
+    L::StoreAcc(m2 + j, L::Splat(0));
+  });
+  int64_t r = rb;
+  for (; r + 4 <= re; r += 4) {
+    const T* __restrict__ x0 = x + r * cols;
+    const T* __restrict__ x1 = x0 + cols;
+    const T* __restrict__ x2 = x1 + cols;
+    const T* __restrict__ x3 = x2 + cols;
+    ForUnits<T>(width, [&](auto vec, int64_t j) {
+      using L = Lane<T, decltype(vec)::value>;
+      const auto mu = L::LoadAcc(mean + j);
+      const auto d0 = L::Load(x0 + j) - mu, d1 = L::Load(x1 + j) - mu;
+      const auto d2 = L::Load(x2 + j) - mu, d3 = L::Load(x3 + j) - mu;
+      L::StoreAcc(m2 + j, L::LoadAcc(m2 + j) + ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)));
+    });
+  }
+  for (; r < re; ++r) {
+    const T* __restrict__ x0 = x + r * cols;
+    ForUnits<T>(width, [&](auto vec, int64_t j) {
+      using L = Lane<T, decltype(vec)::value>;
+      const auto d = L::Load(x0 + j) - L::LoadAcc(mean + j);
+      L::StoreAcc(m2 + j, L::LoadAcc(m2 + j) + d * d);
+    });
+  }
+}
 
 // Statistics of rows [r0, r1) of units [u0, u0 + width) of x ([rows, cols]), written into out.
 template <typename T>
@@ -140,30 +340,31 @@ void BlockMoments(const T* x, int64_t cols, int64_t u0, int64_t width, int64_t r
                   typename Elem<T>::Acc* out_mean, typename Elem<T>::Acc* out_m2, int64_t* out_n) {
   using Acc = typename Elem<T>::Acc;
   const int64_t chunks = (r1 - r0 + kChunkRows - 1) / kChunkRows;
-  PairwiseMerger<Acc> merger(width, chunks);
+  const T* base = x + u0;
+  if (chunks == 1) {  // one chunk: straight into the outputs
+    ChunkSum<T>(base, cols, r0, r1, width, out_mean);
+    const Acc inv_n = Acc(1) / static_cast<Acc>(r1 - r0);
+    ForUnits<T>(width, [&](auto vec, int64_t j) {
+      using L = Lane<T, decltype(vec)::value>;
+      L::StoreAcc(out_mean + j, L::LoadAcc(out_mean + j) * inv_n);
+    });
+    ChunkM2<T>(base, cols, r0, r1, width, out_mean, out_m2);
+    *out_n = r1 - r0;
+    return;
+  }
+  Acc* storage = Scratch<Acc>(PairwiseMerger<Acc>::StorageElements(width, chunks));
+  PairwiseMerger<Acc> merger(width, chunks, storage);
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t rb = r0 + c * kChunkRows;
     const int64_t re = std::min(r1, rb + kChunkRows);
     Moments<Acc> m = merger.Slot();
-    Acc* __restrict__ mean = m.mean;
-    Acc* __restrict__ m2 = m.m2;
-    for (int64_t j = 0; j < width; ++j) mean[j] = Acc(0);
-    for (int64_t r = rb; r < re; ++r) {
-      const T* __restrict__ row = x + r * cols + u0;
-      for (int64_t j = 0; j < width; ++j) mean[j] += Elem<T>::Load(row + j);
-    }
+    ChunkSum<T>(base, cols, rb, re, width, m.mean);
     const Acc inv_n = Acc(1) / static_cast<Acc>(re - rb);
-    for (int64_t j = 0; j < width; ++j) {
-      mean[j] *= inv_n;
-      m2[j] = Acc(0);
-    }
-    for (int64_t r = rb; r < re; ++r) {
-      const T* __restrict__ row = x + r * cols + u0;
-      for (int64_t j = 0; j < width; ++j) {
-        const Acc d = Elem<T>::Load(row + j) - mean[j];
-        m2[j] += d * d;
-      }
-    }
+    ForUnits<T>(width, [&](auto vec, int64_t j) {
+      using L = Lane<T, decltype(vec)::value>;
+      L::StoreAcc(m.mean + j, L::LoadAcc(m.mean + j) * inv_n);
+    });
+    ChunkM2<T>(base, cols, rb, re, width, m.mean, m.m2);
     m.n = re - rb;
     merger.Push(m);
   }
@@ -173,73 +374,173 @@ void BlockMoments(const T* x, int64_t cols, int64_t u0, int64_t width, int64_t r
   *out_n = total.n;
 }
 
+// log1p(z) to float precision for z >= 0 (or NaN, +inf) given in float, four at a time in double:
+// u = 1 + z is exact for z >= 2^-29, so log1p(z) = log(u) = e * ln2 + 2 atanh((m - 1) / (m + 1))
+// with u = 2^e * m, m in [sqrt(1/2), sqrt(2)); below 2^-29 log1p(z) = z to float precision. The
+// series' truncation error is below 1e-11, far under a float ulp. (One libm log1pf call per unit
+// was the largest cost of groups of many small tensors.)
+inline D4 Log1pFloatPrecision(D4 z) {
+  const D4 u = z + 1.0;
+  const U4 bits = Bits<U4>(u);
+  // The biased exponent as a double, exactly, without AVX2's missing int64 -> double conversion.
+  D4 exponent = Bits<D4>(((bits >> 52) & 0x7ffu) | 0x4330000000000000u) - (0x1p52 + 1023.0);
+  D4 m = Bits<D4>((bits & 0x000fffffffffffffu) | 0x3ff0000000000000u);
+  const I4 high = m > 1.4142135623730951;
+  m = high ? m * 0.5 : m;
+  exponent = high ? exponent + 1.0 : exponent;
+  const D4 t = (m - 1.0) / (m + 1.0);
+  const D4 t2 = t * t;
+  const D4 series =
+      1.0 + t2 * (1.0 / 3 + t2 * (1.0 / 5 + t2 * (1.0 / 7 + t2 * (1.0 / 9 + t2 * (1.0 / 11)))));
+  const D4 log_u = exponent * 0.69314718055994531 + 2.0 * t * series;
+  D4 result = z < 0x1p-29 ? z : log_u;
+  result = ((u == u) & (u != __builtin_huge_val())) ? result : u;  // NaN and +inf pass through
+  return result;
+}
+
 // Turns M2 into the variance in place and returns the block's sum of unit entropies.
 template <typename Acc>
 double FinishBlock(Acc* variance_inout, int64_t width, int64_t n, int64_t ddof) {
   const Acc inv_dof = Acc(1) / static_cast<Acc>(n - ddof);
   const Acc pie = static_cast<Acc>(kPiE);
   double sum = 0.0;
-  for (int64_t j = 0; j < width; ++j) {
-    const Acc v = variance_inout[j] * inv_dof;
-    variance_inout[j] = v;
-    sum += static_cast<double>(Acc(0.5) * std::log1p(pie * v));
+  if constexpr (std::is_same_v<Acc, float>) {
+    // Lane-wise sums in double, combined in a fixed order at the end; padding lanes add log1p(0).
+    D4 lane_sums{};
+    for (int64_t j = 0; j < width; j += 8) {
+      F8 v{};
+      if (j + 8 <= width) {
+        v = Simd<float>::Load(variance_inout + j) * inv_dof;
+        Simd<float>::Store(variance_inout + j, v);
+      } else {
+        for (int64_t k = 0; j + k < width; ++k) {
+          v[k] = variance_inout[j + k] * inv_dof;
+          variance_inout[j + k] = v[k];
+        }
+      }
+      const F8 z = pie * v;
+      const D4 low = __builtin_convertvector(__builtin_shufflevector(z, z, 0, 1, 2, 3), D4);
+      const D4 high = __builtin_convertvector(__builtin_shufflevector(z, z, 4, 5, 6, 7), D4);
+      lane_sums += 0.5 * Log1pFloatPrecision(low);
+      lane_sums += 0.5 * Log1pFloatPrecision(high);
+    }
+    sum = (lane_sums[0] + lane_sums[1]) + (lane_sums[2] + lane_sums[3]);
+  } else {
+    for (int64_t j = 0; j < width; ++j) {
+      const Acc v = variance_inout[j] * inv_dof;
+      variance_inout[j] = v;
+      sum += static_cast<double>(Acc(0.5) * std::log1p(pie * v));
+    }
   }
   return sum;
+}
+
+// Runs fn(item) for every item of the plan, shard by shard on the thread pool; a plan of one shard
+// runs on the calling thread.
+template <typename Fn>
+void RunItems(const Plan& plan, const ParallelFor& parallel_for, int64_t cost_per_element,
+              const Fn& fn) {
+  const int64_t shards = plan.NumShards();
+  auto run_shards = [&](int64_t begin, int64_t end) {
+    for (int64_t i = plan.shard_begin[begin]; i < plan.shard_begin[end]; ++i) fn(i);
+  };
+  if (shards <= 1) {
+    run_shards(0, shards);
+    return;
+  }
+  parallel_for(shards, kShardElements * cost_per_element, run_shards);
+}
+
+// Starts loading the beginning of a work item (its first cache lines, or the first lines of its
+// first rows) before the current item is done: groups of small tensors live in separate
+// allocations, and the hardware prefetcher ramps up afresh at each one.
+template <typename T>
+inline void PrefetchItem(const void* data, int64_t cols, const WorkItem& item, bool for_write) {
+  constexpr int64_t kLines = 8;
+  const char* base = static_cast<const char*>(data) +
+                     (item.row_begin * cols + item.unit_begin) * static_cast<int64_t>(sizeof(T));
+  const int64_t width = item.unit_end - item.unit_begin;
+  const int64_t rows = item.row_end - item.row_begin;
+  // A run of whole rows is one contiguous range; a block of units is a strided set of ranges.
+  const bool contiguous = width == cols;
+  const int64_t range_bytes = (contiguous ? rows * width : width) * static_cast<int64_t>(sizeof(T));
+  const int64_t lines_per_range = std::min<int64_t>(kLines, (range_bytes + 63) / 64);
+  const int64_t ranges = contiguous ? 1 : std::min<int64_t>(rows, kLines / lines_per_range);
+  const int64_t stride = cols * static_cast<int64_t>(sizeof(T));
+  for (int64_t r = 0; r < ranges; ++r) {
+    for (int64_t l = 0; l < lines_per_range; ++l) {
+      const char* p = base + r * stride + l * 64;
+      if (for_write) __builtin_prefetch(p, 1, 3); else __builtin_prefetch(p, 0, 3);
+    }
+  }
 }
 
 template <typename T>
 void ForwardTyped(const ForwardArgs& args, const ParallelFor& parallel_for) {
   using Acc = typename Elem<T>::Acc;
-  const Plan plan = MakePlan(args.num_tensors, args.batch, args.units);
-  std::vector<Acc> partial_mean(plan.partial_elements), partial_m2(plan.partial_elements);
-  std::vector<int64_t> partial_n(plan.items.size());
+  const Plan plan = MakePlan(args.num_tensors, args.batch, args.units, kForwardBlockUnits, kChunkRows);
+  std::vector<Acc> partial(2 * plan.partial_elements);
+  Acc* partial_mean = partial.data();
+  Acc* partial_m2 = partial.data() + plan.partial_elements;
+  std::vector<int64_t> partial_n(plan.multi_segment_blocks > 0 ? plan.items.size() : 0);
   std::vector<double> block_entropy(plan.blocks.size());
 
-  parallel_for(static_cast<int64_t>(plan.items.size()), kTargetItemElements,
-               [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const WorkItem& item = plan.items[i];
-      const T* x = static_cast<const T*>(args.x[item.tensor]);
-      const int64_t width = item.unit_end - item.unit_begin;
-      if (item.num_segments == 1) {
-        Acc* mean = static_cast<Acc*>(args.mean[item.tensor]) + item.unit_begin;
-        Acc* var = static_cast<Acc*>(args.variance[item.tensor]) + item.unit_begin;
-        int64_t n = 0;
-        BlockMoments<T>(x, args.units[item.tensor], item.unit_begin, width, item.row_begin,
-                        item.row_end, mean, var, &n);
-        block_entropy[item.block] = FinishBlock<Acc>(var, width, n, args.ddof);
-      } else {
-        BlockMoments<T>(x, args.units[item.tensor], item.unit_begin, width, item.row_begin,
-                        item.row_end, partial_mean.data() + item.partial_offset,
-                        partial_m2.data() + item.partial_offset, &partial_n[i]);
-      }
+  const int64_t num_items = static_cast<int64_t>(plan.items.size());
+  RunItems(plan, parallel_for, 2, [&](int64_t i) {
+    const WorkItem& item = plan.items[i];
+    if (i + 1 < num_items) {
+      const WorkItem& next = plan.items[i + 1];
+      PrefetchItem<T>(args.x[next.tensor], args.units[next.tensor], next, false);
+    }
+    const T* x = static_cast<const T*>(args.x[item.tensor]);
+    const int64_t width = item.unit_end - item.unit_begin;
+    if (item.num_segments == 1) {
+      Acc* mean = static_cast<Acc*>(args.mean[item.tensor]) + item.unit_begin;
+      Acc* var = static_cast<Acc*>(args.variance[item.tensor]) + item.unit_begin;
+      int64_t n = 0;
+      BlockMoments<T>(x, args.units[item.tensor], item.unit_begin, width, item.row_begin,
+                      item.row_end, mean, var, &n);
+      block_entropy[item.block] = FinishBlock<Acc>(var, width, n, args.ddof);
+    } else {
+      BlockMoments<T>(x, args.units[item.tensor], item.unit_begin, width, item.row_begin,
+                      item.row_end, partial_mean + item.partial_offset,
+                      partial_m2 + item.partial_offset, &partial_n[i]);
     }
   });
 
   if (plan.multi_segment_blocks > 0) {
-    parallel_for(static_cast<int64_t>(plan.blocks.size()), kTargetItemElements / 64,
-                 [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const BlockInfo& info = plan.blocks[b];
-        if (info.num_segments == 1) continue;
-        const int64_t width = info.unit_end - info.unit_begin;
-        PairwiseMerger<Acc> merger(width, info.num_segments);
-        for (int64_t s = 0; s < info.num_segments; ++s) {
-          const int64_t i = info.first_item + s;
-          Moments<Acc> m = merger.Slot();
-          std::memcpy(m.mean, partial_mean.data() + plan.items[i].partial_offset, sizeof(Acc) * width);
-          std::memcpy(m.m2, partial_m2.data() + plan.items[i].partial_offset, sizeof(Acc) * width);
-          m.n = partial_n[i];
-          merger.Push(m);
-        }
-        const Moments<Acc> total = merger.Finish();
-        Acc* mean = static_cast<Acc*>(args.mean[info.tensor]) + info.unit_begin;
-        Acc* var = static_cast<Acc*>(args.variance[info.tensor]) + info.unit_begin;
-        std::memcpy(mean, total.mean, sizeof(Acc) * width);
-        std::memcpy(var, total.m2, sizeof(Acc) * width);
-        block_entropy[b] = FinishBlock<Acc>(var, width, total.n, args.ddof);
+    auto merge_block = [&](int64_t b) {
+      const BlockInfo& info = plan.blocks[b];
+      if (info.num_segments == 1) return;
+      const int64_t width = info.unit_end - info.unit_begin;
+      std::vector<Acc> storage(PairwiseMerger<Acc>::StorageElements(width, info.num_segments));
+      PairwiseMerger<Acc> merger(width, info.num_segments, storage.data());
+      for (int64_t s = 0; s < info.num_segments; ++s) {
+        const int64_t i = info.first_item + s;
+        Moments<Acc> m = merger.Slot();
+        std::memcpy(m.mean, partial_mean + plan.items[i].partial_offset, sizeof(Acc) * width);
+        std::memcpy(m.m2, partial_m2 + plan.items[i].partial_offset, sizeof(Acc) * width);
+        m.n = partial_n[i];
+        merger.Push(m);
       }
-    });
+      const Moments<Acc> total = merger.Finish();
+      Acc* mean = static_cast<Acc*>(args.mean[info.tensor]) + info.unit_begin;
+      Acc* var = static_cast<Acc*>(args.variance[info.tensor]) + info.unit_begin;
+      std::memcpy(mean, total.mean, sizeof(Acc) * width);
+      std::memcpy(var, total.m2, sizeof(Acc) * width);
+      block_entropy[b] = FinishBlock<Acc>(var, width, total.n, args.ddof);
+    };
+    // Merging touches 2 * partial_elements values: on the pool only when that is real work.
+    const int64_t num_blocks = static_cast<int64_t>(plan.blocks.size());
+    if (plan.partial_elements < kShardElements || num_blocks == 1) {
+      for (int64_t b = 0; b < num_blocks; ++b) merge_block(b);
+    } else {
+      const int64_t segments_per_block = std::max<int64_t>(1, plan.items.size() / num_blocks);
+      parallel_for(num_blocks, 4 * kForwardBlockUnits * segments_per_block,
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t b = begin; b < end; ++b) merge_block(b);
+                   });
+    }
   }
 
   T* entropy = static_cast<T*>(args.entropy);
@@ -254,45 +555,55 @@ void ForwardTyped(const ForwardArgs& args, const ParallelFor& parallel_for) {
 template <typename T>
 void BackwardTyped(const BackwardArgs& args, const ParallelFor& parallel_for) {
   using Acc = typename Elem<T>::Acc;
-  const Plan plan = MakePlan(args.num_tensors, args.batch, args.units);
+  const Plan plan = MakePlan(args.num_tensors, args.batch, args.units, kBackwardBlockUnits, 1);
   const T* grad_entropy = static_cast<const T*>(args.grad_entropy);
 
-  parallel_for(static_cast<int64_t>(plan.items.size()), 2 * kTargetItemElements,
-               [&](int64_t begin, int64_t end) {
-    Acc scale[kBlockUnits], shift[kBlockUnits];
-    for (int64_t i = begin; i < end; ++i) {
-      const WorkItem& item = plan.items[i];
-      const int64_t t = item.tensor, u0 = item.unit_begin, cols = args.units[t];
-      const int64_t width = item.unit_end - u0;
-      const int64_t rows = args.batch[t];
-      const Acc* mean = static_cast<const Acc*>(args.mean[t]) + u0;
-      const Acc* var = static_cast<const Acc*>(args.variance[t]) + u0;
-      const Acc* grad_mean = args.grad_mean && args.grad_mean[t]
-                                 ? static_cast<const Acc*>(args.grad_mean[t]) + u0 : nullptr;
-      const Acc* grad_var = args.grad_variance && args.grad_variance[t]
-                                ? static_cast<const Acc*>(args.grad_variance[t]) + u0 : nullptr;
-      // dH/dx = pi*e * (x - mu) / (U * (B - ddof) * (pi*e*v + 1)); dv/dx = 2 (x - mu) / (B - ddof);
-      // dmu/dx = 1 / B.
-      const Acc g = Elem<T>::Load(grad_entropy + t);
-      const double dof = static_cast<double>(rows - args.ddof);
-      const Acc entropy_factor = static_cast<Acc>(kPiE / (static_cast<double>(cols) * dof));
-      const Acc var_factor = static_cast<Acc>(2.0 / dof);
-      const Acc mean_factor = static_cast<Acc>(1.0 / static_cast<double>(rows));
-      const Acc pie = static_cast<Acc>(kPiE);
-      for (int64_t j = 0; j < width; ++j) {
-        Acc s = g * entropy_factor / (pie * var[j] + Acc(1));
-        if (grad_var) s += grad_var[j] * var_factor;
-        scale[j] = s;
-        shift[j] = grad_mean ? grad_mean[j] * mean_factor : Acc(0);
-      }
-      const T* x = static_cast<const T*>(args.x[t]);
-      T* dx = static_cast<T*>(args.dx[t]);
-      for (int64_t r = item.row_begin; r < item.row_end; ++r) {
-        const T* __restrict__ xr = x + r * cols + u0;
-        T* __restrict__ dr = dx + r * cols + u0;
-        for (int64_t j = 0; j < width; ++j)
-          Elem<T>::Store(dr + j, (Elem<T>::Load(xr + j) - mean[j]) * scale[j] + shift[j]);
-      }
+  const int64_t num_items = static_cast<int64_t>(plan.items.size());
+  RunItems(plan, parallel_for, 3, [&](int64_t i) {
+    const WorkItem& item = plan.items[i];
+    if (i + 1 < num_items) {
+      const WorkItem& next = plan.items[i + 1];
+      PrefetchItem<T>(args.x[next.tensor], args.units[next.tensor], next, false);
+      PrefetchItem<T>(args.dx[next.tensor], args.units[next.tensor], next, true);
+    }
+    const int64_t t = item.tensor, u0 = item.unit_begin, cols = args.units[t];
+    const int64_t width = item.unit_end - u0;
+    const int64_t rows = args.batch[t];
+    Acc* scratch = Scratch<Acc>(2 * kBackwardBlockUnits);
+    Acc* __restrict__ scale = scratch;
+    Acc* __restrict__ shift = scratch + kBackwardBlockUnits;
+    const Acc* __restrict__ mean = static_cast<const Acc*>(args.mean[t]) + u0;
+    const Acc* __restrict__ var = static_cast<const Acc*>(args.variance[t]) + u0;
+    const Acc* grad_mean = args.grad_mean && args.grad_mean[t]
+                               ? static_cast<const Acc*>(args.grad_mean[t]) + u0 : nullptr;
+    const Acc* grad_var = args.grad_variance && args.grad_variance[t]
+                              ? static_cast<const Acc*>(args.grad_variance[t]) + u0 : nullptr;
+    // dH/dx = pi*e * (x - mu) / (U * (B - ddof) * (pi*e*v + 1)); dv/dx = 2 (x - mu) / (B - ddof);
+    // dmu/dx = 1 / B.
+    const Acc g = Elem<T>::Load(grad_entropy + t);
+    const double dof = static_cast<double>(rows - args.ddof);
+    const Acc entropy_factor = static_cast<Acc>(kPiE / (static_cast<double>(cols) * dof));
+    const Acc var_factor = static_cast<Acc>(2.0 / dof);
+    const Acc mean_factor = static_cast<Acc>(1.0 / static_cast<double>(rows));
+    const Acc pie = static_cast<Acc>(kPiE);
+    const Acc numerator = g * entropy_factor;
+    ForUnits<T>(width, [&](auto vec, int64_t j) {
+      using L = Lane<T, decltype(vec)::value>;
+      auto s = L::Splat(numerator) / (pie * L::LoadAcc(var + j) + Acc(1));
+      if (grad_var) s += L::LoadAcc(grad_var + j) * var_factor;
+      L::StoreAcc(scale + j, s);
+      L::StoreAcc(shift + j, grad_mean ? L::LoadAcc(grad_mean + j) * mean_factor : L::Splat(Acc(0)));
+    });
+    const T* x = static_cast<const T*>(args.x[t]) + u0;
+    T* dx = static_cast<T*>(args.dx[t]) + u0;
+    for (int64_t r = item.row_begin; r < item.row_end; ++r) {
+      const T* __restrict__ xr = x + r * cols;
+      T* __restrict__ dr = dx + r * cols;
+      ForUnits<T>(width, [&](auto vec, int64_t j) {
+        using L = Lane<T, decltype(vec)::value>;
+        L::Store(dr + j, (L::Load(xr + j) - L::LoadAcc(mean + j)) * L::LoadAcc(scale + j) +
+                             L::LoadAcc(shift + j));
+      });
     }
   });
 }
