@@ -1,0 +1,75 @@
+"""pytest-benchmark suite for the CPU op: the op against the pure-TF composition, graph and XLA.
+
+    pytest benchmarks/test_bench_cpu.py                                  # timings (minutes)
+    pytest benchmarks/test_bench_cpu.py --benchmark-group-by=group       # one table per case
+    pytest benchmarks/test_bench_cpu.py --benchmark-json=out.json        # machine-readable
+    LBE_BENCH_QUICK=1 pytest benchmarks/test_bench_cpu.py --benchmark-disable -q   # smoke (CI)
+
+The cases, inputs and timed functions are lbe-bench's (lbe_ops/bench.py), so both tools time the
+same thing; lbe-bench adds the interleaved rounds, the copy-bandwidth floor, the training step
+and the report. Each benchmark group is one (case, dtype, mode) with the variants op, graph and
+xla side by side. LBE_BENCH_QUICK=1 keeps to tiny shapes and a 10-layer training step; with
+--benchmark-disable every function runs once, which is the smoke run tests/test_bench_smoke.py
+does. Nothing here asserts a timing: the only checks are that every variant runs and returns a
+finite entropy.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import lbe_ops  # noqa: E402
+from lbe_ops import bench  # noqa: E402
+
+QUICK = os.environ.get("LBE_BENCH_QUICK", "") not in ("", "0")
+
+if QUICK:
+    _CASES = [("tiny", "float32"), ("group-20", "float32")]
+    _TRAIN_LAYERS = 10
+else:
+    _CASES = [(name, dtype) for name, dtypes in bench.STANDARD_SET for dtype in dtypes]
+    _TRAIN_LAYERS = 500
+
+pytestmark = pytest.mark.benchmark
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _require_op():
+    info = lbe_ops.backend_info()
+    if info["backend"] != "op":
+        pytest.skip(f"the compiled op is not available ({info['reason']})")
+
+
+def _finite_entropy(outputs):
+    import tensorflow as tf
+    first = tf.nest.flatten(outputs)[0]
+    values = tf.cast(first, tf.float64).numpy()
+    return bool(np.all(np.isfinite(values)))
+
+
+@pytest.mark.parametrize("variant", bench.VARIANTS)
+@pytest.mark.parametrize("mode", bench.MODES)
+@pytest.mark.parametrize("case_name,dtype", _CASES, ids=[f"{c}-{d}" for c, d in _CASES])
+def test_batch_entropy(benchmark, case_name, dtype, mode, variant):
+    case = bench.all_cases()[case_name]
+    inp = bench.make_input(case, dtype)
+    fn = bench.build_function(case, mode, variant)
+    bench._block(fn(inp))  # trace (and compile, for XLA) outside the timing
+    benchmark.group = f"{case_name} {case.label()} {dtype} {mode}"
+    benchmark.extra_info.update({"case": case_name, "shape": case.label(), "dtype": dtype,
+                                 "mode": mode, "variant": variant, "elements": case.elements})
+    outputs = benchmark(lambda: fn(inp))
+    assert _finite_entropy(outputs)
+
+
+@pytest.mark.parametrize("lbe", ["none", "op", "graph"])
+def test_train_step(benchmark, lbe):
+    step = bench.build_train_step(layers=_TRAIN_LAYERS, lbe=lbe)
+    step()  # trace outside the timing
+    benchmark.group = f"train step, {_TRAIN_LAYERS} layers of width 32, batch 128"
+    benchmark.extra_info.update({"layers": _TRAIN_LAYERS, "lbe": lbe})
+    loss = benchmark(step)
+    assert np.isfinite(float(loss))

@@ -1,0 +1,69 @@
+"""Smoke test of the benchmarks: lbe-bench in its quickest mode, and the pytest-benchmark suite
+with timing disabled. Benchmarks are not tests: nothing here looks at a timing, only that the
+tools run and write well-formed output."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SUITE = REPO / "benchmarks" / "test_bench_cpu.py"
+
+
+def _env():
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["MPLBACKEND"] = "Agg"
+    return env
+
+
+def test_lbe_bench_quick_writes_json_table_and_chart(tmp_path):
+    out = tmp_path / "bench"
+    # -m runs the same main() as the lbe-bench console script; from tmp_path, so the lbe_ops
+    # imported is the one under test (installed, or on PYTHONPATH), not a source tree.
+    proc = subprocess.run(
+        [sys.executable, "-m", "lbe_ops.bench", "--quick", "--out", str(out)],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "target:" in proc.stdout and "op ms" in proc.stdout
+
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["version"] == 1 and doc["command"].startswith("lbe-bench --quick")
+    assert doc["machine"]["logical_cpus"] >= 1 and doc["machine"]["tensorflow"]
+    assert doc["copy_bandwidth_256mib_gbps"] > 0
+    assert doc["results"], "no benchmark results"
+    seen = set()
+    for r in doc["results"]:
+        seen.add((r["case"], r["mode"]))
+        assert r["floor_s"] > 0 and r["bytes"] > 0
+        for variant in ("op", "graph", "xla"):
+            t = r["times"][variant]
+            assert t["median"] > 0 and t["min"] <= t["median"] and t["rounds"] >= 1
+        assert set(r["ratios"]) >= {"graph/op", "xla/op", "op/floor"}
+        if r["grouped"] and r["mode"] == "fwdbwd":
+            assert r["times"]["harness"]["median"] > 0
+    assert {("tiny", "fwd"), ("tiny", "fwdbwd"), ("group-20", "fwdbwd")} <= seen
+    train = doc["train_step"]
+    assert train["layers"] == 10 and set(train["times"]) == {"plain", "op", "graph"}
+    assert all(t["value"] is None or isinstance(t["met"], bool) for t in doc["targets"])
+
+    table = (out / "results.md").read_text()
+    assert table.startswith("| case |") and "group-20" in table
+    png = (out / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+@pytest.mark.skipif(not SUITE.exists(), reason="benchmarks/ is not part of this checkout")
+def test_benchmark_suite_smoke(tmp_path):
+    env = _env()
+    env["LBE_BENCH_QUICK"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(SUITE), "--benchmark-disable", "-q",
+         "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout
