@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Subprocesses started by tests (`python -c ...` from the repository root) must import the
+# installed lbe_ops, not the source tree in the working directory, which has no compiled op.
+os.environ["PYTHONSAFEPATH"] = "1"
 
 import lbe_ops  # noqa: E402
 
