@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Runs lbe-train over several seeds and tabulates the results (the table in docs/training.md).
+
+    python scripts/sweep_train.py                          # the defaults, seeds 0-4
+    python scripts/sweep_train.py --seeds 0 1 2 -- --depth 150 --epochs 200
+    python scripts/sweep_train.py --out DIR --aggregate    # re-tabulate finished runs
+
+Each seed runs `python -m lbe_ops.train ... --seed S --out OUT/seed-S` in its own process, one
+after the other. Arguments after `--` go to lbe-train unchanged. The table (Markdown) is printed
+and written to OUT/summary.md, the numbers to OUT/summary.json.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _parse(argv):
+    if "--" in argv:
+        split = argv.index("--")
+        argv, passthrough = argv[:split], argv[split + 1:]
+    else:
+        passthrough = []
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--out", help="sweep folder (default: ./lbe-train-sweep-<time>)")
+    parser.add_argument("--aggregate", action="store_true",
+                        help="do not train; tabulate the seed-* folders already in --out")
+    args = parser.parse_args(argv)
+    if args.aggregate and not args.out:
+        parser.error("--aggregate needs --out")
+    return args, passthrough
+
+
+def _load(out, seeds):
+    found = []
+    for seed in seeds:
+        path = os.path.join(out, f"seed-{seed}", "results.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                found.append(json.load(f))
+        else:
+            print(f"missing: {path}", file=sys.stderr)
+    return found
+
+
+def _stats(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def tabulate(results):
+    runs = [name for name in ("lbe", "baseline") if name in results[0]["runs"]]
+    header = ["seed"]
+    for name in runs:
+        label = "LBE" if name == "lbe" else "baseline"
+        header += [f"{label} final acc", f"{label} best acc", f"{label} wall (s)"]
+    header.append("load avg (start)")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for result in results:
+        row = [str(result["config"]["seed"])]
+        for name in runs:
+            run = result["runs"][name]
+            row += [f"{run['final_test_accuracy']:.3f}", f"{run['best_test_accuracy']:.3f}",
+                    f"{run['wall_time_s']:.0f}"]
+        load = result["environment"].get("load_average")
+        row.append("n/a" if load is None else f"{load[0]:.1f}")
+        lines.append("| " + " | ".join(row) + " |")
+    summary = {}
+    row = ["mean"]
+    for name in runs:
+        final = _stats([r["runs"][name]["final_test_accuracy"] for r in results])
+        best = _stats([r["runs"][name]["best_test_accuracy"] for r in results])
+        wall = _stats([r["runs"][name]["wall_time_s"] for r in results])
+        summary[name] = {"final_test_accuracy": final, "best_test_accuracy": best,
+                         "wall_time_s": wall}
+        row += [f"{final['mean']:.3f} (min {final['min']:.3f}, max {final['max']:.3f})",
+                f"{best['mean']:.3f}", f"{wall['mean']:.0f}"]
+    row.append("")
+    lines.append("| " + " | ".join(f"**{c}**" if c else c for c in row) + " |")
+    return "\n".join(lines), summary
+
+
+def main(argv=None):
+    args, passthrough = _parse(sys.argv[1:] if argv is None else argv)
+    out = args.out or f"lbe-train-sweep-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    os.makedirs(out, exist_ok=True)
+    if not args.aggregate:
+        for seed in args.seeds:
+            command = [sys.executable, "-m", "lbe_ops.train", *passthrough, "--seed", str(seed),
+                       "--out", os.path.join(out, f"seed-{seed}"), "--quiet"]
+            print("$", " ".join(command), flush=True)
+            started = time.perf_counter()
+            subprocess.run(command, check=True)
+            print(f"seed {seed}: {time.perf_counter() - started:.0f} s\n", flush=True)
+    results = _load(out, args.seeds)
+    if not results:
+        print("no results to tabulate", file=sys.stderr)
+        return 1
+    table, summary = tabulate(results)
+    config = dict(results[0]["config"])
+    config.pop("seed", None)
+    environment = results[0]["environment"]
+    text = (f"{table}\n\nconfig: {json.dumps(config)}\n"
+            f"machine: {environment.get('cpu_count')} CPUs, {environment.get('platform')}, "
+            f"TensorFlow {environment.get('tensorflow')}, backend {config.get('backend')}\n")
+    print(text)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump({"config": config, "seeds": [r["config"]["seed"] for r in results],
+                   "summary": summary}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""lbe-train end to end on tiny configurations (seconds), and its argument errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lbe_ops import train
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TINY = ["--depth", "3", "--width", "8", "--epochs", "2", "--quiet"]
+
+
+def _check_png(path):
+    import matplotlib.image
+
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE, f"{path} is not a PNG"
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert float(np.ptp(image)) > 0, f"{path} is blank"
+
+
+def _check_run(run, epochs, depth, beta):
+    assert run["beta"] == beta
+    assert 0.0 <= run["final_test_accuracy"] <= 1.0
+    assert run["best_test_accuracy"] >= run["final_test_accuracy"]
+    assert run["wall_time_s"] > 0
+    history = run["history"]
+    assert history["epoch"] == list(range(epochs + 1))
+    for key in ("test_accuracy", "test_task_loss", "train_accuracy", "train_task_loss",
+                "train_loss", "train_lbe", "train_entropy_mean", "test_entropy_mean",
+                "epoch_time_s"):
+        assert len(history[key]) == epochs + 1, key
+    assert history["test_accuracy"][-1] == run["final_test_accuracy"]
+    assert history["train_task_loss"][0] is None  # epoch 0: no training step yet
+    assert all(np.isfinite(v) for v in history["test_task_loss"])
+    assert all(np.isfinite(v) and v > 0 for v in history["train_task_loss"][1:])
+    entropies = run["layer_entropy"]
+    assert len(entropies["layers"]) == depth
+    assert np.array(entropies["test"], dtype=float).shape == (depth, epochs + 1)
+    assert np.all(np.isfinite(np.array(entropies["test"], dtype=float)))
+    assert np.array(entropies["train"], dtype=float).shape == (depth, epochs + 1)
+    assert len(run["final_alpha"]) == depth
+
+
+def test_digits_end_to_end(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "out"
+    assert train.main(TINY + ["--out", str(out), "--lr", "1e-3", "--seed", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "batch entropy backend:" in printed
+    assert "final test acc" in printed and "baseline" in printed
+
+    results = json.loads((out / "results.json").read_text())
+    config = results["config"]
+    assert config["depth"] == 3 and config["width"] == 8 and config["epochs"] == 2
+    assert config["lr"] == 1e-3 and config["seed"] == 3 and config["arch"] == "mlp"
+    assert config["data"] == "digits" and config["num_classes"] == 10
+    assert config["train_examples"] + config["test_examples"] == 1797
+    assert config["backend"] in ("op", "tf")
+    assert set(results["runs"]) == {"lbe", "baseline"}
+    _check_run(results["runs"]["lbe"], epochs=2, depth=3, beta=train.DEFAULTS["beta"])
+    _check_run(results["runs"]["baseline"], epochs=2, depth=3, beta=0.0)
+    # Both runs start from the same weights: the same network at epoch 0.
+    lbe, baseline = results["runs"]["lbe"]["history"], results["runs"]["baseline"]["history"]
+    assert lbe["test_task_loss"][0] == baseline["test_task_loss"][0]
+    assert lbe["test_accuracy"][0] == baseline["test_accuracy"][0]
+    # The baseline's loss is its task loss alone; the LBE run's loss adds task * lbe.
+    assert baseline["train_loss"][1:] == pytest.approx(baseline["train_task_loss"][1:], rel=1e-4)
+    assert lbe["train_loss"][-1] == pytest.approx(
+        lbe["train_task_loss"][-1] * (1 + lbe["train_lbe"][-1]), rel=0.05)
+    for name in ("curves.png", "layer_entropy.png"):
+        _check_png(out / name)
+
+
+def _write_npz(path, image_shape=(6, 6), train_count=41, test_count=17, classes=3):
+    rng = np.random.default_rng(0)
+    y_train = rng.integers(0, classes, train_count).astype(np.uint8)
+    y_test = rng.integers(0, classes, test_count).astype(np.uint8)
+    x_train = rng.integers(0, 256, (train_count, *image_shape)).astype(np.uint8)
+    x_test = rng.integers(0, 256, (test_count, *image_shape)).astype(np.uint8)
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_npz_data_and_default_out_dir(tmp_path, monkeypatch, capsys, arch):
+    data = _write_npz(tmp_path / "tiny.npz")
+    monkeypatch.chdir(tmp_path)
+    # 41 training examples with batch 8 leave a last batch of 1, which must be dropped.
+    argv = ["--data", str(data), "--arch", arch, "--depth", "2", "--width", "4",
+            "--epochs", "2", "--batch-size", "8", "--no-baseline", "--backend", "tf"]
+    assert train.main(argv) == 0
+    capsys.readouterr()
+    outs = [p for p in tmp_path.iterdir() if p.name.startswith("lbe-train-")]
+    assert len(outs) == 1 and outs[0].is_dir()
+    results = json.loads((outs[0] / "results.json").read_text())
+    config = results["config"]
+    assert config["data"] == "tiny" and config["num_classes"] == 3
+    assert config["input_shape"] == [6, 6, 1] and config["arch"] == arch
+    assert config["backend"] == "tf" and config["baseline"] is False
+    assert set(results["runs"]) == {"lbe"}
+    _check_run(results["runs"]["lbe"], epochs=2, depth=2, beta=train.DEFAULTS["beta"])
+    for name in ("curves.png", "layer_entropy.png"):
+        _check_png(outs[0] / name)
+
+
+def _error(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--depth", "0"], "--depth: expected a positive integer, got 0"),
+    (["--width", "x"], "--width: expected a positive integer, got 'x'"),
+    (["--batch-size", "1"], "batch of at least 2"),
+    (["--lr", "0"], "expected a number > 0, got '0'"),
+    (["--beta", "-1"], "--beta: expected a number >= 0"),
+    (["--alpha", "nan"], "--alpha: expected a finite number"),
+    (["--arch", "resnet"], "invalid choice: 'resnet'"),
+    (["--backend", "cuda"], "invalid choice: 'cuda'"),
+    (["--data", "/nonexistent/mnist.npz"], "--data: no such file"),
+])
+def test_bad_arguments(capsys, argv, message):
+    assert message in _error(capsys, argv)
+
+
+def test_bad_npz(tmp_path, capsys):
+    partial = tmp_path / "partial.npz"
+    np.savez(partial, x_train=np.zeros((4, 2, 2)), y_train=np.zeros(4))
+    err = _error(capsys, ["--data", str(partial), "--out", str(tmp_path / "o")])
+    assert "lacks x_test, y_test" in err
+    mismatched = tmp_path / "mismatched.npz"
+    np.savez(mismatched, x_train=np.zeros((4, 2, 2)), y_train=np.zeros(3),
+             x_test=np.zeros((4, 2, 2)), y_test=np.zeros(4))
+    assert "x_train has 4 examples but y_train has 3" in _error(
+        capsys, ["--data", str(mismatched), "--out", str(tmp_path / "o")])
+    not_npz = tmp_path / "text.npz"
+    not_npz.write_text("hello")
+    assert "cannot read" in _error(capsys, ["--data", str(not_npz), "--out", str(tmp_path / "o")])
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--depth", "--width", "--epochs", "--batch-size", "--lr", "--alpha",
+                   "--alpha-min", "--beta", "--seed", "--backend", "--no-baseline", "--data",
+                   "--out", "--arch"):
+        assert option in text
