@@ -1,7 +1,7 @@
 """lbe-train: trains one deep plain ReLU network with and without LBE, and compares the two.
 
     lbe-train                                   # digits, 100 layers, both runs, ~minutes on a CPU
-    lbe-train --data mnist.npz --depth 500 ...  # the paper's setting (see docs/training.md)
+    lbe-train --data mnist.npz --depth 500 ...  # the paper's setting (see the README, "The main job")
 
 Both runs start from the same weights, see the batches in the same order and are trained by the
 same code (lbe_ops.keras.wrap -> LBEModel, Adam); the baseline differs only in beta = 0, so its
@@ -19,7 +19,7 @@ import platform
 import sys
 import time
 
-# The defaults below were chosen by the multi-seed search recorded in docs/training.md
+# The defaults below were chosen by the multi-seed search recorded in the README ("The main job")
 # (scripts/sweep_train.py reruns it).
 DEFAULTS = {
     "arch": "mlp",
@@ -100,7 +100,7 @@ def build_parser():
             "history, per-layer entropies, wall time), curves.png and layer_entropy.png. "
             "The paper's setting: lbe-train --data mnist.npz --depth 500 --width 1000 "
             "--batch-size 128 --lr 1e-5 --alpha 2.0 --alpha-min 0.2 --beta 0.1 --epochs 100 "
-            "(see docs/training.md)."),
+            "(see the README, 'The main job')."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = parser.add_argument_group("network")
     model.add_argument("--arch", choices=("mlp", "cnn"), default=d["arch"],

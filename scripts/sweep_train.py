@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Runs lbe-train over several seeds and tabulates the results (the table in docs/training.md).
+"""Runs lbe-train over several seeds and tabulates the results (the table in the README, "The main job").
 
     python scripts/sweep_train.py                          # the defaults, seeds 0-4
     python scripts/sweep_train.py --seeds 0 1 2 -- --depth 150 --epochs 200
