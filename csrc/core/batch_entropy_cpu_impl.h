@@ -274,10 +274,62 @@ class PairwiseMerger {
   Moments<Acc> parts_[66];
 };
 
+// Walks the memory of the next work item with prefetch hints while the current one computes, a
+// few cache lines per step, so that the next item is in cache when its turn comes. Groups of small
+// tensors (a deep network's activations) live in separate allocations, where the hardware
+// prefetcher starts afresh at every tensor and every page; large items stream well without help,
+// so only their first lines are touched.
+class ItemPrefetcher {
+ public:
+  static constexpr int64_t kMaxBytes = int64_t{1} << 17;  // whole items up to this size
+
+  ItemPrefetcher() = default;
+  template <typename T>
+  ItemPrefetcher(const void* data, int64_t cols, const WorkItem& item, bool write, T /*type*/)
+      : write_(write) {
+    const int64_t size = static_cast<int64_t>(sizeof(T));
+    base_ = static_cast<const char*>(data) + (item.row_begin * cols + item.unit_begin) * size;
+    const int64_t width = item.unit_end - item.unit_begin;
+    const int64_t rows = item.row_end - item.row_begin;
+    if (width == cols) {  // a run of whole rows: one contiguous range
+      rows_ = 1;
+      row_bytes_ = rows * width * size;
+    } else {
+      rows_ = rows;
+      row_bytes_ = width * size;
+      stride_ = cols * size;
+    }
+    if (rows_ * row_bytes_ > kMaxBytes) {  // the hardware prefetcher takes over after the start
+      rows_ = std::min<int64_t>(rows_, 8);
+      row_bytes_ = std::min<int64_t>(row_bytes_, 512);
+    }
+    lines_ = rows_ * ((row_bytes_ + 63) / 64);
+  }
+  int64_t Lines() const { return lines_; }
+  void Advance(int64_t lines) {
+    for (; lines > 0 && row_ < rows_; --lines) {
+      const char* p = base_ + row_ * stride_ + offset_;
+      if (write_) __builtin_prefetch(p, 1, 3); else __builtin_prefetch(p, 0, 3);
+      offset_ += 64;
+      if (offset_ >= row_bytes_) {
+        offset_ = 0;
+        ++row_;
+      }
+    }
+  }
+
+ private:
+  const char* base_ = nullptr;
+  int64_t stride_ = 0, row_bytes_ = 0, rows_ = 0, lines_ = 0;
+  int64_t row_ = 0, offset_ = 0;
+  bool write_ = false;
+};
+
 // Sum pass over rows [rb, re) of one chunk: sum[j] = sum of x[r, j], four rows at a time.
 template <typename T>
 inline void ChunkSum(const T* x, int64_t cols, int64_t rb, int64_t re, int64_t width,
-                     typename Elem<T>::Acc* __restrict__ sum) {
+                     typename Elem<T>::Acc* __restrict__ sum, ItemPrefetcher& next,
+                     int64_t lines_per_group) {
   ForUnits<T>(width, [&](auto vec, int64_t j) { using L = Lane<T, decltype(vec)::value>;
     L::StoreAcc(sum + j, L::Splat(0));
   });
@@ -292,6 +344,7 @@ inline void ChunkSum(const T* x, int64_t cols, int64_t rb, int64_t re, int64_t w
       L::StoreAcc(sum + j, L::LoadAcc(sum + j) + ((L::Load(x0 + j) + L::Load(x1 + j)) +
                                                   (L::Load(x2 + j) + L::Load(x3 + j))));
     });
+    next.Advance(lines_per_group);
   }
   for (; r < re; ++r) {
     const T* __restrict__ x0 = x + r * cols;
@@ -337,12 +390,15 @@ inline void ChunkM2(const T* x, int64_t cols, int64_t rb, int64_t re, int64_t wi
 // Statistics of rows [r0, r1) of units [u0, u0 + width) of x ([rows, cols]), written into out.
 template <typename T>
 void BlockMoments(const T* x, int64_t cols, int64_t u0, int64_t width, int64_t r0, int64_t r1,
-                  typename Elem<T>::Acc* out_mean, typename Elem<T>::Acc* out_m2, int64_t* out_n) {
+                  typename Elem<T>::Acc* out_mean, typename Elem<T>::Acc* out_m2, int64_t* out_n,
+                  ItemPrefetcher& next) {
   using Acc = typename Elem<T>::Acc;
   const int64_t chunks = (r1 - r0 + kChunkRows - 1) / kChunkRows;
   const T* base = x + u0;
+  const int64_t groups = std::max<int64_t>(1, (r1 - r0) / 4);
+  const int64_t lines_per_group = (next.Lines() + groups - 1) / groups;
   if (chunks == 1) {  // one chunk: straight into the outputs
-    ChunkSum<T>(base, cols, r0, r1, width, out_mean);
+    ChunkSum<T>(base, cols, r0, r1, width, out_mean, next, lines_per_group);
     const Acc inv_n = Acc(1) / static_cast<Acc>(r1 - r0);
     ForUnits<T>(width, [&](auto vec, int64_t j) {
       using L = Lane<T, decltype(vec)::value>;
@@ -358,7 +414,7 @@ void BlockMoments(const T* x, int64_t cols, int64_t u0, int64_t width, int64_t r
     const int64_t rb = r0 + c * kChunkRows;
     const int64_t re = std::min(r1, rb + kChunkRows);
     Moments<Acc> m = merger.Slot();
-    ChunkSum<T>(base, cols, rb, re, width, m.mean);
+    ChunkSum<T>(base, cols, rb, re, width, m.mean, next, lines_per_group);
     const Acc inv_n = Acc(1) / static_cast<Acc>(re - rb);
     ForUnits<T>(width, [&](auto vec, int64_t j) {
       using L = Lane<T, decltype(vec)::value>;
@@ -451,30 +507,6 @@ void RunItems(const Plan& plan, const ParallelFor& parallel_for, int64_t cost_pe
   parallel_for(shards, kShardElements * cost_per_element, run_shards);
 }
 
-// Starts loading the beginning of a work item (its first cache lines, or the first lines of its
-// first rows) before the current item is done: groups of small tensors live in separate
-// allocations, and the hardware prefetcher ramps up afresh at each one.
-template <typename T>
-inline void PrefetchItem(const void* data, int64_t cols, const WorkItem& item, bool for_write) {
-  constexpr int64_t kLines = 8;
-  const char* base = static_cast<const char*>(data) +
-                     (item.row_begin * cols + item.unit_begin) * static_cast<int64_t>(sizeof(T));
-  const int64_t width = item.unit_end - item.unit_begin;
-  const int64_t rows = item.row_end - item.row_begin;
-  // A run of whole rows is one contiguous range; a block of units is a strided set of ranges.
-  const bool contiguous = width == cols;
-  const int64_t range_bytes = (contiguous ? rows * width : width) * static_cast<int64_t>(sizeof(T));
-  const int64_t lines_per_range = std::min<int64_t>(kLines, (range_bytes + 63) / 64);
-  const int64_t ranges = contiguous ? 1 : std::min<int64_t>(rows, kLines / lines_per_range);
-  const int64_t stride = cols * static_cast<int64_t>(sizeof(T));
-  for (int64_t r = 0; r < ranges; ++r) {
-    for (int64_t l = 0; l < lines_per_range; ++l) {
-      const char* p = base + r * stride + l * 64;
-      if (for_write) __builtin_prefetch(p, 1, 3); else __builtin_prefetch(p, 0, 3);
-    }
-  }
-}
-
 template <typename T>
 void ForwardTyped(const ForwardArgs& args, const ParallelFor& parallel_for) {
   using Acc = typename Elem<T>::Acc;
@@ -488,9 +520,10 @@ void ForwardTyped(const ForwardArgs& args, const ParallelFor& parallel_for) {
   const int64_t num_items = static_cast<int64_t>(plan.items.size());
   RunItems(plan, parallel_for, 2, [&](int64_t i) {
     const WorkItem& item = plan.items[i];
+    ItemPrefetcher next;
     if (i + 1 < num_items) {
-      const WorkItem& next = plan.items[i + 1];
-      PrefetchItem<T>(args.x[next.tensor], args.units[next.tensor], next, false);
+      const WorkItem& n = plan.items[i + 1];
+      next = ItemPrefetcher(args.x[n.tensor], args.units[n.tensor], n, false, T{});
     }
     const T* x = static_cast<const T*>(args.x[item.tensor]);
     const int64_t width = item.unit_end - item.unit_begin;
@@ -499,12 +532,12 @@ void ForwardTyped(const ForwardArgs& args, const ParallelFor& parallel_for) {
       Acc* var = static_cast<Acc*>(args.variance[item.tensor]) + item.unit_begin;
       int64_t n = 0;
       BlockMoments<T>(x, args.units[item.tensor], item.unit_begin, width, item.row_begin,
-                      item.row_end, mean, var, &n);
+                      item.row_end, mean, var, &n, next);
       block_entropy[item.block] = FinishBlock<Acc>(var, width, n, args.ddof);
     } else {
       BlockMoments<T>(x, args.units[item.tensor], item.unit_begin, width, item.row_begin,
                       item.row_end, partial_mean + item.partial_offset,
-                      partial_m2 + item.partial_offset, &partial_n[i]);
+                      partial_m2 + item.partial_offset, &partial_n[i], next);
     }
   });
 
@@ -561,10 +594,11 @@ void BackwardTyped(const BackwardArgs& args, const ParallelFor& parallel_for) {
   const int64_t num_items = static_cast<int64_t>(plan.items.size());
   RunItems(plan, parallel_for, 3, [&](int64_t i) {
     const WorkItem& item = plan.items[i];
+    ItemPrefetcher next_x, next_dx;
     if (i + 1 < num_items) {
-      const WorkItem& next = plan.items[i + 1];
-      PrefetchItem<T>(args.x[next.tensor], args.units[next.tensor], next, false);
-      PrefetchItem<T>(args.dx[next.tensor], args.units[next.tensor], next, true);
+      const WorkItem& n = plan.items[i + 1];
+      next_x = ItemPrefetcher(args.x[n.tensor], args.units[n.tensor], n, false, T{});
+      next_dx = ItemPrefetcher(args.dx[n.tensor], args.units[n.tensor], n, true, T{});
     }
     const int64_t t = item.tensor, u0 = item.unit_begin, cols = args.units[t];
     const int64_t width = item.unit_end - u0;
@@ -596,9 +630,14 @@ void BackwardTyped(const BackwardArgs& args, const ParallelFor& parallel_for) {
     });
     const T* x = static_cast<const T*>(args.x[t]) + u0;
     T* dx = static_cast<T*>(args.dx[t]) + u0;
+    const int64_t item_rows = item.row_end - item.row_begin;
+    const int64_t x_lines = (next_x.Lines() + item_rows - 1) / item_rows;
+    const int64_t dx_lines = (next_dx.Lines() + item_rows - 1) / item_rows;
     for (int64_t r = item.row_begin; r < item.row_end; ++r) {
       const T* __restrict__ xr = x + r * cols;
       T* __restrict__ dr = dx + r * cols;
+      next_x.Advance(x_lines);
+      next_dx.Advance(dx_lines);
       ForUnits<T>(width, [&](auto vec, int64_t j) {
         using L = Lane<T, decltype(vec)::value>;
         L::Store(dr + j, (L::Load(xr + j) - L::LoadAcc(mean + j)) * L::LoadAcc(scale + j) +
