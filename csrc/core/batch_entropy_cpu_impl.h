@@ -154,15 +154,28 @@ template <> struct Elem<BFloat16> {
     p->bits = static_cast<uint16_t>(bits >> 16);
   }
   static inline F8 LoadV(const BFloat16* p) {
+#if defined(__AVX2__)
+    // GCC builds the generic form below from two 128-bit zero-extensions.
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return Bits<F8>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+#else
     const U8 bits = __builtin_convertvector(*reinterpret_cast<const H8u*>(p), U8) << 16;
     return Bits<F8>(bits);
+#endif
   }
   static inline void StoreV(BFloat16* p, F8 v) {
     const U8 bits = Bits<U8>(v);
     const U8 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
     const U8 quiet_nan = (bits >> 16) | 0x40u;
     const U8 out = (bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded;
+#if defined(__AVX2__)
+    // Every lane is below 2^16, so the saturating pack is exact; it packs within 128-bit halves.
+    const __m256i packed = _mm256_packus_epi32(Bits<__m256i>(out), Bits<__m256i>(out));
+    const __m256i ordered = _mm256_permute4x64_epi64(packed, 0x08);  // halves 0 and 2 to the front
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(ordered));
+#else
     *reinterpret_cast<H8u*>(p) = __builtin_convertvector(out, H8);
+#endif
   }
 };
 
@@ -475,8 +488,10 @@ double FinishBlock(Acc* variance_inout, int64_t width, int64_t n, int64_t ddof) 
         }
       }
       const F8 z = pie * v;
-      const D4 low = __builtin_convertvector(__builtin_shufflevector(z, z, 0, 1, 2, 3), D4);
-      const D4 high = __builtin_convertvector(__builtin_shufflevector(z, z, 4, 5, 6, 7), D4);
+      F4 halves[2];
+      std::memcpy(halves, &z, sizeof(z));
+      const D4 low = __builtin_convertvector(halves[0], D4);
+      const D4 high = __builtin_convertvector(halves[1], D4);
       lane_sums += 0.5 * Log1pFloatPrecision(low);
       lane_sums += 0.5 * Log1pFloatPrecision(high);
     }
