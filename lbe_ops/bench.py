@@ -22,10 +22,11 @@ Timing: all variants of a case are traced and warmed up first, then run in inter
 (op, graph, xla, op, graph, xla, ...), each round a loop of calls lasting >= 20 ms; the figure is
 the median per-call time over the rounds, so a burst of load from other processes hits every
 variant alike. Grouped inputs are cut from one input tensor inside the function (tf.split, no
-copy) and their gradients summed per shape (tf.add_n) to a few outputs; that harness costs the
-same in the op and graph variants and is timed alone ("harness", graph mode) and reported, so the
-graph/op ratio can be read with it (`raw`) or without it (`net`); XLA compiles the harness into
-its own program, so xla/op is raw only.
+copy) and their gradients summed per shape (tf.add_n) to a few outputs. Everything that is not
+LBE (the tf.function call itself, about 0.3 ms on a loaded 2-core VM, the split and the sums)
+is timed alone as the "harness" (graph mode) and reported, so the graph/op ratio can be read
+with it (`raw`) or without it (`net`); XLA compiles the harness into its own program, so xla/op
+is raw only.
 
 The training-step case times one SGD step of a deep plain ReLU network (default 500 layers of
 width 32, batch 128) without LBE, with LBE through lbe_ops.batch_entropies on every layer's
@@ -168,7 +169,8 @@ def _sum_by_shape(case, tensors):
 
 
 def build_function(case, mode, variant, ddof=1):
-    """A callable f(inp) for one (case, mode, variant); variant 'harness' does everything but LBE.
+    """A callable f(inp) for one (case, mode, variant); variant 'harness' does everything but LBE
+    (the tf.function call, the split of grouped inputs, the sums of their gradients).
 
     The backend is fixed at trace time (lbe_ops.use_backend), and every call runs inside the
     same backend block, so the trace never changes.
@@ -180,7 +182,9 @@ def build_function(case, mode, variant, ddof=1):
 
     def body(inp):
         xs = _unpack(case, inp)
-        if variant == "harness":  # the fwdbwd harness: the same split and sums, no LBE
+        if variant == "harness":  # everything but LBE: the call, the split and the sums
+            if mode == "fwd" or not case.grouped:
+                return xs[0]
             return _sum_by_shape(case, xs)
         if mode == "fwd":
             if case.grouped:
@@ -603,9 +607,7 @@ def _copy_function(nbytes):
 
 def run_case(case, dtype, mode, variants, min_time, log, quick=False):
     inp = make_input(case, dtype)
-    names = list(variants)
-    if case.grouped and mode == "fwdbwd":
-        names.append("harness")
+    names = list(variants) + ["harness"]
     built = {v: build_function(case, mode, v) for v in names}
     fns = {v: (lambda f=built[v]: f(inp)) for v in names}
     nbytes = case.elements * tf.as_dtype(dtype).size
