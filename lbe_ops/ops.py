@@ -47,8 +47,10 @@ def _register_gradients():
         xs = list(op.inputs)
         means = list(op.outputs[1:1 + n])
         variances = list(op.outputs[1 + n:1 + 2 * n])
-        grad_means = [_zeros_if_none(g, m) for g, m in zip(grad_stats[:n], means)]
-        grad_variances = [_zeros_if_none(g, v) for g, v in zip(grad_stats[n:], variances)]
+        # One empty vector for every statistic no gradient reached (all of them, typically).
+        empty = tf.zeros([0], means[0].dtype)
+        grad_means = [empty if g is None else g for g in grad_stats[:n]]
+        grad_variances = [empty if g is None else g for g in grad_stats[n:]]
         return _loader.op_module().lbe_batch_entropies_grad(
             xs, means, variances, grad_entropies, grad_means, grad_variances,
             ddof=op.get_attr("ddof"))
