@@ -4,9 +4,11 @@
     python scripts/sweep_train.py                          # the defaults, seeds 0-4
     python scripts/sweep_train.py --seeds 0 1 2 -- --depth 150 --epochs 200
     python scripts/sweep_train.py --out DIR --aggregate    # re-tabulate finished runs
+    python scripts/sweep_train.py --jobs 2                 # two seeds at a time, one thread each
 
 Each seed runs `python -m lbe_ops.train ... --seed S --out OUT/seed-S` in its own process, one
-after the other. Arguments after `--` go to lbe-train unchanged. The table (Markdown) is printed
+after the other, or --jobs at a time (each then limited to one TensorFlow thread: wall times are
+those of one core per run, which is why the README's table says how it was run). Arguments after `--` go to lbe-train unchanged. The table (Markdown) is printed
 and written to OUT/summary.md, the numbers to OUT/summary.json.
 """
 
@@ -29,11 +31,16 @@ def _parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", help="sweep folder (default: ./lbe-train-sweep-<time>)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="seeds run at the same time (default 1: one after the other, "
+                             "with all cores)")
     parser.add_argument("--aggregate", action="store_true",
                         help="do not train; tabulate the seed-* folders already in --out")
     args = parser.parse_args(argv)
     if args.aggregate and not args.out:
         parser.error("--aggregate needs --out")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     return args, passthrough
 
 
@@ -89,18 +96,46 @@ def tabulate(results):
     return "\n".join(lines), summary
 
 
+def _run_seeds(seeds, passthrough, out, jobs):
+    env = dict(os.environ)
+    if jobs > 1:  # one core per run: N runs of 1 thread, not N runs fighting over all cores
+        env.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+        env.setdefault("TF_NUM_INTEROP_THREADS", "1")
+    pending, running, failed = list(seeds), {}, []
+    while pending or running:
+        while pending and len(running) < jobs:
+            seed = pending.pop(0)
+            command = [sys.executable, "-m", "lbe_ops.train", *passthrough, "--seed", str(seed),
+                       "--out", os.path.join(out, f"seed-{seed}"), "--quiet"]
+            print("$", " ".join(command), flush=True)
+            log = open(os.path.join(out, f"seed-{seed}.log"), "w") if jobs > 1 else None
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
+            running[process] = (seed, time.perf_counter(), log)
+        finished = None
+        while finished is None:
+            for process in running:
+                if process.poll() is not None:
+                    finished = process
+                    break
+            else:
+                time.sleep(0.5)
+        seed, started, log = running.pop(finished)
+        if log is not None:
+            log.close()
+        status = "ok" if finished.returncode == 0 else f"FAILED (exit {finished.returncode})"
+        print(f"seed {seed}: {status}, {time.perf_counter() - started:.0f} s", flush=True)
+        if finished.returncode != 0:
+            failed.append(seed)
+    if failed:
+        print(f"seeds that failed: {failed}", file=sys.stderr)
+
+
 def main(argv=None):
     args, passthrough = _parse(sys.argv[1:] if argv is None else argv)
     out = args.out or f"lbe-train-sweep-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     os.makedirs(out, exist_ok=True)
     if not args.aggregate:
-        for seed in args.seeds:
-            command = [sys.executable, "-m", "lbe_ops.train", *passthrough, "--seed", str(seed),
-                       "--out", os.path.join(out, f"seed-{seed}"), "--quiet"]
-            print("$", " ".join(command), flush=True)
-            started = time.perf_counter()
-            subprocess.run(command, check=True)
-            print(f"seed {seed}: {time.perf_counter() - started:.0f} s\n", flush=True)
+        _run_seeds(args.seeds, passthrough, out, args.jobs)
     results = _load(out, args.seeds)
     if not results:
         print("no results to tabulate", file=sys.stderr)

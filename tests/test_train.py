@@ -124,6 +124,9 @@ def _error(capsys, argv):
     (["--arch", "resnet"], "invalid choice: 'resnet'"),
     (["--backend", "cuda"], "invalid choice: 'cuda'"),
     (["--data", "/nonexistent/mnist.npz"], "--data: no such file"),
+    (["--lr-decay", "1.5"], "--lr-decay: expected a fraction in [0, 1]"),
+    (["--clip-norm", "0"], "--clip-norm: expected a number > 0"),
+    (["--init", "zeros"], "invalid choice: 'zeros'"),
 ])
 def test_bad_arguments(capsys, argv, message):
     assert message in _error(capsys, argv)
@@ -145,6 +148,36 @@ def test_bad_npz(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "o")
 
 
+def test_learning_rate_schedule():
+    import keras
+
+    assert train.learning_rate(keras, 1e-3, 100, 0.0) == 1e-3
+    schedule = train.learning_rate(keras, 1e-3, 100, 0.4)
+    lr = [float(keras.ops.convert_to_numpy(schedule(step))) for step in range(100)]
+    # Constant for the first 60 steps, then a half cosine down towards 0.
+    assert lr[:61] == pytest.approx([1e-3] * 61)
+    assert lr[80] == pytest.approx(0.5e-3, rel=1e-5)
+    assert all(a > b for a, b in zip(lr[60:], lr[61:]))
+    assert 0 < lr[-1] < 1e-5
+    assert schedule.get_config() == {"lr": 1e-3, "total_steps": 100, "decay": 0.4, "warmup": 0.0}
+    warm = train.learning_rate(keras, 1e-3, 100, 0.0, warmup=0.1)
+    rates = [float(keras.ops.convert_to_numpy(warm(step))) for step in range(100)]
+    assert rates[0] == pytest.approx(1e-4) and rates[4] == pytest.approx(5e-4)
+    assert rates[9:] == pytest.approx([1e-3] * 91)
+
+
+def test_schedule_and_clipping_reach_the_results(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "out"
+    argv = TINY + ["--out", str(out), "--no-baseline", "--lr-decay", "0.5", "--clip-norm",
+                   "2", "--init", "orthogonal"]
+    assert train.main(argv) == 0
+    assert "cosine to 0 over the last 50% of the steps" in capsys.readouterr().out
+    config = json.loads((out / "results.json").read_text())["config"]
+    assert config["lr_decay"] == 0.5 and config["clip_norm"] == 2.0
+    assert config["init"] == "orthogonal"
+
+
 def test_help(capsys):
     with pytest.raises(SystemExit) as exc:
         train.main(["--help"])
@@ -152,5 +185,29 @@ def test_help(capsys):
     text = capsys.readouterr().out
     for option in ("--depth", "--width", "--epochs", "--batch-size", "--lr", "--alpha",
                    "--alpha-min", "--beta", "--seed", "--backend", "--no-baseline", "--data",
-                   "--out", "--arch"):
+                   "--out", "--arch", "--lr-decay", "--clip-norm", "--init"):
         assert option in text
+
+
+def test_sweep_script_runs_seeds_side_by_side(tmp_path, capsys):
+    """scripts/sweep_train.py (the README's multi-seed table): two tiny seeds, two at a time."""
+    pytest.importorskip("sklearn")
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "sweep_train.py")
+    spec = importlib.util.spec_from_file_location("sweep_train", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    out = tmp_path / "sweep"
+    argv = ["--seeds", "0", "1", "--jobs", "2", "--out", str(out), "--",
+            "--depth", "2", "--width", "4", "--epochs", "1"]
+    assert sweep.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| seed |" in printed and "**mean**" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    assert summary["config"]["depth"] == 2 and "seed" not in summary["config"]
+    for name in ("lbe", "baseline"):
+        final = summary["summary"][name]["final_test_accuracy"]
+        assert 0.0 <= final["min"] <= final["mean"] <= final["max"] <= 1.0
+    assert (out / "summary.md").read_text().startswith("| seed |")
