@@ -10,7 +10,7 @@ from conftest import np_entropy, np_entropy_grad, np_moments
 DTYPES = [tf.float16, tf.bfloat16, tf.float32, tf.float64]
 BACKENDS = ["op", "tf"]
 SHAPES = [(2, 1), (3, 5), (17, 3, 4), (64, 257), (4097, 33), (5, 100003), (8, 6, 6, 5),
-          (33, 4, 4, 16), (1030, 513)]
+          (33, 4, 4, 16), (1030, 513), (300, 5000)]
 
 # Relative tolerances of the entropy, and of dx measured against max |dx|. Half and bfloat16
 # results are rounded to their own precision; float32 loses about eps * offset / std in the mean.
