@@ -104,7 +104,7 @@ def check_backward(x, dx, want):
 # ---- CPU -----------------------------------------------------------------------------------------
 
 SHAPES = [(2, 1), (3, 5), (4097, 33), (5, 100003), (64, 4, 4), (300, 64), (129, 1000),
-          (200, 3000)]  # the last: a wide block, read in chunks of 8 rows
+          (200, 3000)]  # the last: three unit blocks, each in two row segments of several chunks
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

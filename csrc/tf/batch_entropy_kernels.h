@@ -37,7 +37,9 @@ template <> struct CoreDType<double> { static constexpr lbe::DType value = lbe::
 struct ArgName {
   const char* base;
   int index;  // -1: not a list element
-  std::string str() const { return index < 0 ? std::string(base) : std::string(base) + "[" + std::to_string(index) + "]"; }
+  std::string str() const {
+    return index < 0 ? std::string(base) : std::string(base) + "[" + std::to_string(index) + "]";
+  }
 };
 
 // Checks one activation tensor and returns its [batch, units] view.
