@@ -75,25 +75,19 @@ def _finite_float(text):
     return value
 
 
-def _non_negative_float(text):
-    value = _finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
+def _checked_float(accept, expected):
+    """An argparse type: a finite float for which accept(value) holds, else 'expected ...'."""
+    def parse(text):
+        value = _finite_float(text)
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
 
 
-def _positive_float(text):
-    value = _finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
-def _fraction(text):
-    value = _finite_float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}")
-    return value
+_non_negative_float = _checked_float(lambda value: value >= 0, "a number >= 0")
+_positive_float = _checked_float(lambda value: value > 0, "a number > 0")
+_fraction = _checked_float(lambda value: 0 <= value <= 1, "a fraction in [0, 1]")
 
 
 def build_parser():
