@@ -13,6 +13,7 @@ and written to OUT/summary.md, the numbers to OUT/summary.json.
 """
 
 import argparse
+import concurrent.futures
 import datetime
 import json
 import os
@@ -101,31 +102,24 @@ def _run_seeds(seeds, passthrough, out, jobs):
     if jobs > 1:  # one core per run: N runs of 1 thread, not N runs fighting over all cores
         env.setdefault("TF_NUM_INTRAOP_THREADS", "1")
         env.setdefault("TF_NUM_INTEROP_THREADS", "1")
-    pending, running, failed = list(seeds), {}, []
-    while pending or running:
-        while pending and len(running) < jobs:
-            seed = pending.pop(0)
-            command = [sys.executable, "-m", "lbe_ops.train", *passthrough, "--seed", str(seed),
-                       "--out", os.path.join(out, f"seed-{seed}"), "--quiet"]
-            print("$", " ".join(command), flush=True)
-            log = open(os.path.join(out, f"seed-{seed}.log"), "w") if jobs > 1 else None
-            process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
-            running[process] = (seed, time.perf_counter(), log)
-        finished = None
-        while finished is None:
-            for process in running:
-                if process.poll() is not None:
-                    finished = process
-                    break
-            else:
-                time.sleep(0.5)
-        seed, started, log = running.pop(finished)
-        if log is not None:
-            log.close()
-        status = "ok" if finished.returncode == 0 else f"FAILED (exit {finished.returncode})"
+
+    def run(seed):
+        command = [sys.executable, "-m", "lbe_ops.train", *passthrough, "--seed", str(seed),
+                   "--out", os.path.join(out, f"seed-{seed}"), "--quiet"]
+        print("$", " ".join(command), flush=True)
+        started = time.perf_counter()
+        if jobs > 1:  # side by side: each run's output into its own log
+            with open(os.path.join(out, f"seed-{seed}.log"), "w") as log:
+                code = subprocess.run(command, env=env, stdout=log, stderr=log).returncode
+        else:
+            code = subprocess.run(command, env=env).returncode
+        status = "ok" if code == 0 else f"FAILED (exit {code})"
         print(f"seed {seed}: {status}, {time.perf_counter() - started:.0f} s", flush=True)
-        if finished.returncode != 0:
-            failed.append(seed)
+        return code
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        codes = list(pool.map(run, seeds))
+    failed = [seed for seed, code in zip(seeds, codes) if code != 0]
     if failed:
         print(f"seeds that failed: {failed}", file=sys.stderr)
 
