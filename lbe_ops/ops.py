@@ -3,9 +3,11 @@
 Ops (registered by the library): Lbe>BatchEntropy / Lbe>BatchEntropyGrad for one tensor and
 Lbe>BatchEntropies / Lbe>BatchEntropiesGrad for a group. Each forward op returns the entropy (in
 the input dtype) and the per-unit mean and variance (float32, or float64 for double inputs),
-which the gradient op uses to compute dx in one pass over x.
+which the gradient op uses to compute dx in one pass over x. The grouped op returns the
+statistics of all its tensors in one flat vector each (tensor 0's units first).
 """
 
+import numpy as np
 import tensorflow as tf
 
 from lbe_ops import _loader, _validation, reference
@@ -16,8 +18,8 @@ def _stats_dtype(dtype):
 
 
 def _zeros_if_none(grad, like):
-    # An empty vector tells the gradient kernel "no gradient reached this output": cheaper than
-    # a zeros tensor per statistic (two per layer), which dominated grouped calls of many layers.
+    # An empty vector tells the gradient kernel "no gradient reached this output": no zeros
+    # tensor of the statistics' size is built or read.
     return tf.zeros([0], like.dtype) if grad is None else grad
 
 
@@ -42,17 +44,11 @@ def _register_gradients():
             ddof=op.get_attr("ddof"))
 
     @tf.RegisterGradient("Lbe>BatchEntropies")
-    def _batch_entropies_grad(op, grad_entropies, *grad_stats):
-        n = op.get_attr("N")
-        xs = list(op.inputs)
-        means = list(op.outputs[1:1 + n])
-        variances = list(op.outputs[1 + n:1 + 2 * n])
-        # One empty vector for every statistic no gradient reached (all of them, typically).
-        empty = tf.zeros([0], means[0].dtype)
-        grad_means = [empty if g is None else g for g in grad_stats[:n]]
-        grad_variances = [empty if g is None else g for g in grad_stats[n:]]
+    def _batch_entropies_grad(op, grad_entropies, grad_means, grad_variances):
+        _, means, variances = op.outputs
         return _loader.op_module().lbe_batch_entropies_grad(
-            xs, means, variances, grad_entropies, grad_means, grad_variances,
+            list(op.inputs), means, variances, grad_entropies,
+            _zeros_if_none(grad_means, means), _zeros_if_none(grad_variances, variances),
             ddof=op.get_attr("ddof"))
 
 
@@ -77,13 +73,24 @@ def _wider_than(dtype, input_dtype):
     return input_dtype in _HALF_DTYPES and dtype not in _HALF_DTYPES
 
 
-def _entropies_from_variances(variances, dtype):
-    """Entropies from the ops' float32 variances, for results wider than a half input: the
-    vector is never rounded to 8 or 11 bits. Gradients flow through the variance outputs."""
-    unit_entropy = 0.5 * tf.math.log1p(reference.PI_E * tf.concat(variances, axis=0))
-    sizes = [tf.size(v) for v in variances]
-    segment_ids = tf.repeat(tf.range(len(variances)), sizes)
+def _entropies_from_variances(variances, units, dtype):
+    """Entropies from the ops' flat float32 variances (tensor i's `units[i]` values one after
+    another), for results wider than a half input: the vector is never rounded to 8 or 11 bits.
+    Gradients flow through the variance output."""
+    unit_entropy = 0.5 * tf.math.log1p(reference.PI_E * variances)
+    if all(isinstance(u, int) for u in units):
+        segment_ids = tf.constant(np.repeat(np.arange(len(units), dtype=np.int32), units))
+    else:
+        segment_ids = tf.repeat(tf.range(len(units)), tf.stack(units))
     return tf.cast(tf.math.segment_mean(unit_entropy, segment_ids), dtype)
+
+
+def _units(x):
+    """x's number of units (a Python int where the shape is static, else a scalar tensor)."""
+    static = x.shape[1:].num_elements()
+    if static is not None:
+        return int(static)
+    return tf.cast(tf.reduce_prod(tf.shape(x)[1:]), tf.int32)
 
 
 def batch_entropy(x, ddof=1, dtype=None):
@@ -101,7 +108,7 @@ def batch_entropy(x, ddof=1, dtype=None):
         return reference.moments(x, ddof, entropy_dtype=dtype)[0]
     entropy, _, variance = _op_single(x, ddof)
     if _wider_than(dtype, x.dtype):
-        return _entropies_from_variances([variance], dtype)[0]
+        return _entropies_from_variances(variance, [_units(x)], dtype)[0]
     return tf.cast(entropy, dtype)
 
 
@@ -124,9 +131,11 @@ def batch_entropies(xs, ddof=1, dtype=None):
         groups.setdefault(x.dtype, []).append(i)
     parts = [None] * len(xs)
     for input_dtype, indices in groups.items():
-        entropies, _, variances = _op_group_split([xs[i] for i in indices], ddof)
+        members = [xs[i] for i in indices]
+        entropies, _, variances = _op_group(members, ddof)
         if _wider_than(out_dtype, input_dtype):
-            entropies = _entropies_from_variances(variances, out_dtype)
+            entropies = _entropies_from_variances(variances, [_units(x) for x in members],
+                                                  out_dtype)
         else:
             entropies = tf.cast(entropies, out_dtype)
         if len(groups) == 1:
@@ -135,7 +144,3 @@ def batch_entropies(xs, ddof=1, dtype=None):
             parts[i] = entropies[k]
     return tf.stack(parts)
 
-
-def _op_group_split(xs, ddof):
-    entropies, means, variances = _op_group(xs, ddof)  # the wrapper nests the list outputs
-    return entropies, list(means), list(variances)

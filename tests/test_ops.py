@@ -124,6 +124,50 @@ def test_numerical_gradient_grouped_float64(rng, backend):
         np.testing.assert_allclose(t, n, rtol=2e-5, atol=1e-8)
 
 
+def test_grouped_op_returns_flat_statistics(rng):
+    """Lbe>BatchEntropies returns every tensor's means and variances in one vector each, tensor 0's
+    units first, and its gradient carries gradients of those vectors back to each tensor."""
+    ops = lbe_ops._loader.op_module()
+    shapes = [(6, 3), (6, 2, 2), (9, 1), (4, 5)]
+    xs, x64s = zip(*[make_input(rng, s, tf.float64) for s in shapes])
+    hs, means, variances = ops.lbe_batch_entropies(list(xs), ddof=1, Tstats=tf.float64)
+    assert means.shape == (3 + 4 + 1 + 5,) and variances.shape == means.shape
+    refs = [np_moments(x64, 1) for x64 in x64s]
+    np.testing.assert_allclose(hs.numpy(), [r[0] for r in refs], rtol=1e-12)
+    np.testing.assert_allclose(means.numpy(), np.concatenate([r[1] for r in refs]), rtol=1e-12,
+                               atol=1e-12)
+    np.testing.assert_allclose(variances.numpy(), np.concatenate([r[2] for r in refs]),
+                               rtol=1e-12)
+
+    w_h = tf.constant(rng.standard_normal(len(shapes)))
+    w_mean = tf.constant(rng.standard_normal(13))
+    w_var = tf.constant(rng.standard_normal(13))
+
+    def loss(a, b, c, d):
+        h, mean, var = ops.lbe_batch_entropies([a, b, c, d], ddof=1, Tstats=tf.float64)
+        return (tf.reduce_sum(w_h * h) + tf.reduce_sum(w_mean * mean) +
+                tf.reduce_sum(w_var * var))
+
+    theoretical, numerical = tf.test.compute_gradient(loss, list(xs))
+    for t, n in zip(theoretical, numerical):
+        np.testing.assert_allclose(t, n, rtol=2e-5, atol=1e-7)
+
+
+def test_grouped_statistics_shape_is_the_sum_of_units():
+    ops = lbe_ops._loader.op_module()
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4, 5], tf.float32),
+                                  tf.TensorSpec([None, None], tf.float32)])
+    def fn(x, y):
+        _, means, _ = ops.lbe_batch_entropies([x, x[:, 0]])
+        assert means.shape == (25,)
+        _, means, _ = ops.lbe_batch_entropies([x, y])
+        assert means.shape.as_list() == [None]
+        return means
+
+    assert fn(tf.ones([3, 4, 5]), tf.ones([3, 7])).shape == (27,)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
 def test_grouped_matches_single_and_reference(rng, dtype):
     shapes = [(32, 64), (32, 5, 5, 3), (129, 1), (7, 1000), (2, 3)]
@@ -262,5 +306,13 @@ def test_float32_result_for_half_inputs_is_not_rounded(rng, backend, dtype):
         np.testing.assert_allclose(float(hs[i]), np_entropy(x64), rtol=2e-6)
         assert_grad_close(grads[i], float(weights[i]) * np_entropy_grad(x64), GRAD_RTOL[dtype])
     assert float(single) == float(hs[0])
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None], dtype)] * 3)
+    def unknown_units(a, b, c):  # units known only at run time
+        return lbe_ops.batch_entropies([a, b, c], dtype=tf.float32)
+
+    flat = [tf.reshape(x, [x.shape[0], -1]) for x in xs]
+    with lbe_ops.use_backend(backend):
+        np.testing.assert_array_equal(unknown_units(*flat).numpy(), hs.numpy())
     with pytest.raises(TypeError, match="dtype"):
         lbe_ops.batch_entropies(list(xs), dtype=tf.int32)

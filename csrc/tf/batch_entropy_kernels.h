@@ -63,31 +63,70 @@ inline absl::Status CheckActivation(const tensorflow::Tensor& x, const ArgName& 
   return absl::OkStatus();
 }
 
-inline absl::Status CheckStats(const tensorflow::Tensor& t, const ArgName& name, int64_t units) {
+inline absl::Status CheckStats(const tensorflow::Tensor& t, const char* name, int64_t units) {
   if (t.dims() != 1 || t.dim_size(0) != units) {
-    return tensorflow::errors::InvalidArgument(name.str(), " must have shape [", units, "], got ",
+    return tensorflow::errors::InvalidArgument(name, " must have shape [", units, "], got ",
                                                t.shape().DebugString());
   }
   return absl::OkStatus();
 }
 
 // A gradient for a statistic: [units], or [0] when none reached it (then *data is null).
-inline absl::Status CheckOptionalStats(const tensorflow::Tensor& t, const ArgName& name,
-                                       int64_t units, const void** data) {
+inline absl::Status CheckOptionalStats(const tensorflow::Tensor& t, const char* name,
+                                       int64_t units, const char** data) {
   if (t.dims() == 1 && t.dim_size(0) == 0) {
     *data = nullptr;
     return absl::OkStatus();
   }
   if (t.dims() != 1 || t.dim_size(0) != units) {
-    return tensorflow::errors::InvalidArgument(name.str(), " must have shape [", units,
+    return tensorflow::errors::InvalidArgument(name, " must have shape [", units,
                                                "] (or [0] for no gradient), got ",
                                                t.shape().DebugString());
   }
-  *data = t.data();
+  *data = static_cast<const char*>(t.data());
   return absl::OkStatus();
 }
 
-inline ArgName Indexed(const char* name, bool grouped, int i) { return ArgName{name, grouped ? i : -1}; }
+// The activations of one op: the single op's x, or the grouped op's xs, checked, with their
+// [batch, units] views. The statistics of all of them lie one after another in flat vectors of
+// total_units (for the single op that is just x's [U]).
+struct Activations {
+  tensorflow::OpInputList list;
+  std::vector<const void*> data;
+  std::vector<int64_t> batch, units;
+  int64_t total_units = 0;
+  int size() const { return list.size(); }
+};
+
+template <bool kGrouped>
+absl::Status GetActivations(tensorflow::OpKernelContext* ctx, int64_t ddof, Activations* a) {
+  const char* name = kGrouped ? "xs" : "x";
+  TF_RETURN_IF_ERROR(ctx->input_list(name, &a->list));
+  const int n = a->list.size();
+  a->data.resize(n);
+  a->batch.resize(n);
+  a->units.resize(n);
+  for (int i = 0; i < n; ++i) {
+    TF_RETURN_IF_ERROR(CheckActivation(a->list[i], ArgName{name, kGrouped ? i : -1}, ddof,
+                                       &a->batch[i], &a->units[i]));
+    a->data[i] = a->list[i].data();
+    a->total_units += a->units[i];
+  }
+  return absl::OkStatus();
+}
+
+// Per-tensor pointers into a flat statistics vector (null entries where base is null: no gradient).
+template <typename Pointer>
+std::vector<Pointer> SplitStats(const char* base, const Activations& a, int64_t stats_size) {
+  std::vector<Pointer> out(a.size(), nullptr);
+  if (base == nullptr) return out;
+  int64_t offset = 0;
+  for (int i = 0; i < a.size(); ++i) {
+    out[i] = const_cast<char*>(base) + offset * stats_size;
+    offset += a.units[i];
+  }
+  return out;
+}
 
 template <typename Device, typename T, typename TStats, bool kGrouped>
 class BatchEntropyOp : public tensorflow::OpKernel {
@@ -97,35 +136,26 @@ class BatchEntropyOp : public tensorflow::OpKernel {
   }
 
   void Compute(tensorflow::OpKernelContext* ctx) override {
-    tensorflow::OpInputList xs;
-    OP_REQUIRES_OK(ctx, ctx->input_list(kGrouped ? "xs" : "x", &xs));
+    Activations xs;
+    OP_REQUIRES_OK(ctx, GetActivations<kGrouped>(ctx, ddof_, &xs));
     const int n = xs.size();
-    std::vector<const void*> x_ptrs(n);
-    std::vector<void*> mean_ptrs(n), var_ptrs(n);
-    std::vector<int64_t> batch(n), units(n);
-    for (int i = 0; i < n; ++i) {
-      OP_REQUIRES_OK(ctx, CheckActivation(xs[i], Indexed(kGrouped ? "xs" : "x", kGrouped, i), ddof_,
-                                          &batch[i], &units[i]));
-      x_ptrs[i] = xs[i].data();
-    }
-    tensorflow::Tensor* entropy = nullptr;
+    tensorflow::Tensor *entropy = nullptr, *mean = nullptr, *variance = nullptr;
     const tensorflow::TensorShape entropy_shape =
         kGrouped ? tensorflow::TensorShape({n}) : tensorflow::TensorShape({});
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, entropy_shape, &entropy));
-    for (int i = 0; i < n; ++i) {
-      tensorflow::Tensor *mean = nullptr, *variance = nullptr;
-      OP_REQUIRES_OK(ctx, ctx->allocate_output(1 + i, {units[i]}, &mean));
-      OP_REQUIRES_OK(ctx, ctx->allocate_output(1 + n + i, {units[i]}, &variance));
-      mean_ptrs[i] = mean->data();
-      var_ptrs[i] = variance->data();
-    }
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, {xs.total_units}, &mean));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, {xs.total_units}, &variance));
+    const std::vector<void*> mean_ptrs =
+        SplitStats<void*>(static_cast<const char*>(mean->data()), xs, sizeof(TStats));
+    const std::vector<void*> var_ptrs =
+        SplitStats<void*>(static_cast<const char*>(variance->data()), xs, sizeof(TStats));
     lbe::ForwardArgs args;
     args.dtype = CoreDType<T>::value;
     args.ddof = ddof_;
     args.num_tensors = n;
-    args.x = x_ptrs.data();
-    args.batch = batch.data();
-    args.units = units.data();
+    args.x = xs.data.data();
+    args.batch = xs.batch.data();
+    args.units = xs.units.data();
     args.mean = mean_ptrs.data();
     args.variance = var_ptrs.data();
     args.entropy = entropy->data();
@@ -144,51 +174,59 @@ class BatchEntropyGradOp : public tensorflow::OpKernel {
   }
 
   void Compute(tensorflow::OpKernelContext* ctx) override {
-    tensorflow::OpInputList xs, means, variances, grad_means, grad_variances;
-    OP_REQUIRES_OK(ctx, ctx->input_list(kGrouped ? "xs" : "x", &xs));
-    OP_REQUIRES_OK(ctx, ctx->input_list(kGrouped ? "means" : "mean", &means));
-    OP_REQUIRES_OK(ctx, ctx->input_list(kGrouped ? "variances" : "variance", &variances));
-    OP_REQUIRES_OK(ctx, ctx->input_list(kGrouped ? "grad_means" : "grad_mean", &grad_means));
-    OP_REQUIRES_OK(ctx, ctx->input_list(kGrouped ? "grad_variances" : "grad_variance",
-                                        &grad_variances));
-    const tensorflow::Tensor& grad_entropy = ctx->input(3 * xs.size());
+    Activations xs;
+    OP_REQUIRES_OK(ctx, GetActivations<kGrouped>(ctx, ddof_, &xs));
     const int n = xs.size();
+    const char* const mean_name = kGrouped ? "means" : "mean";
+    const char* const variance_name = kGrouped ? "variances" : "variance";
+    const char* const grad_entropy_name = kGrouped ? "grad_entropies" : "grad_entropy";
+    const char* const grad_mean_name = kGrouped ? "grad_means" : "grad_mean";
+    const char* const grad_variance_name = kGrouped ? "grad_variances" : "grad_variance";
+    const tensorflow::Tensor *mean, *variance, *grad_entropy, *grad_mean, *grad_variance;
+    OP_REQUIRES_OK(ctx, ctx->input(mean_name, &mean));
+    OP_REQUIRES_OK(ctx, ctx->input(variance_name, &variance));
+    OP_REQUIRES_OK(ctx, ctx->input(grad_entropy_name, &grad_entropy));
+    OP_REQUIRES_OK(ctx, ctx->input(grad_mean_name, &grad_mean));
+    OP_REQUIRES_OK(ctx, ctx->input(grad_variance_name, &grad_variance));
     if (kGrouped) {
-      OP_REQUIRES(ctx, grad_entropy.dims() == 1 && grad_entropy.dim_size(0) == n,
+      OP_REQUIRES(ctx, grad_entropy->dims() == 1 && grad_entropy->dim_size(0) == n,
                   tensorflow::errors::InvalidArgument("grad_entropies must have shape [", n,
-                                                      "], got ", grad_entropy.shape().DebugString()));
+                                                      "], got ", grad_entropy->shape().DebugString()));
     } else {
-      OP_REQUIRES(ctx, grad_entropy.dims() == 0,
+      OP_REQUIRES(ctx, grad_entropy->dims() == 0,
                   tensorflow::errors::InvalidArgument("grad_entropy must be a scalar, got shape ",
-                                                      grad_entropy.shape().DebugString()));
+                                                      grad_entropy->shape().DebugString()));
     }
-    std::vector<const void*> x_ptrs(n), mean_ptrs(n), var_ptrs(n), gmean_ptrs(n), gvar_ptrs(n);
+    OP_REQUIRES_OK(ctx, CheckStats(*mean, mean_name, xs.total_units));
+    OP_REQUIRES_OK(ctx, CheckStats(*variance, variance_name, xs.total_units));
+    const char *grad_mean_data = nullptr, *grad_variance_data = nullptr;
+    OP_REQUIRES_OK(ctx, CheckOptionalStats(*grad_mean, grad_mean_name, xs.total_units, &grad_mean_data));
+    OP_REQUIRES_OK(ctx, CheckOptionalStats(*grad_variance, grad_variance_name, xs.total_units,
+                                           &grad_variance_data));
     std::vector<void*> dx_ptrs(n);
-    std::vector<int64_t> batch(n), units(n);
     for (int i = 0; i < n; ++i) {
-      OP_REQUIRES_OK(ctx, CheckActivation(xs[i], Indexed(kGrouped ? "xs" : "x", kGrouped, i), ddof_,
-                                          &batch[i], &units[i]));
-      OP_REQUIRES_OK(ctx, CheckStats(means[i], Indexed(kGrouped ? "means" : "mean", kGrouped, i), units[i]));
-      OP_REQUIRES_OK(ctx, CheckStats(variances[i], Indexed(kGrouped ? "variances" : "variance", kGrouped, i), units[i]));
-      OP_REQUIRES_OK(ctx, CheckOptionalStats(grad_means[i], Indexed(kGrouped ? "grad_means" : "grad_mean", kGrouped, i), units[i], &gmean_ptrs[i]));
-      OP_REQUIRES_OK(ctx, CheckOptionalStats(grad_variances[i], Indexed(kGrouped ? "grad_variances" : "grad_variance", kGrouped, i), units[i], &gvar_ptrs[i]));
       tensorflow::Tensor* dx = nullptr;
-      OP_REQUIRES_OK(ctx, ctx->allocate_output(i, xs[i].shape(), &dx));
-      x_ptrs[i] = xs[i].data();
-      mean_ptrs[i] = means[i].data();
-      var_ptrs[i] = variances[i].data();
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(i, xs.list[i].shape(), &dx));
       dx_ptrs[i] = dx->data();
     }
+    const std::vector<const void*> mean_ptrs =
+        SplitStats<const void*>(static_cast<const char*>(mean->data()), xs, sizeof(TStats));
+    const std::vector<const void*> var_ptrs =
+        SplitStats<const void*>(static_cast<const char*>(variance->data()), xs, sizeof(TStats));
+    const std::vector<const void*> gmean_ptrs =
+        SplitStats<const void*>(grad_mean_data, xs, sizeof(TStats));
+    const std::vector<const void*> gvar_ptrs =
+        SplitStats<const void*>(grad_variance_data, xs, sizeof(TStats));
     lbe::BackwardArgs args;
     args.dtype = CoreDType<T>::value;
     args.ddof = ddof_;
     args.num_tensors = n;
-    args.x = x_ptrs.data();
-    args.batch = batch.data();
-    args.units = units.data();
+    args.x = xs.data.data();
+    args.batch = xs.batch.data();
+    args.units = xs.units.data();
     args.mean = mean_ptrs.data();
     args.variance = var_ptrs.data();
-    args.grad_entropy = grad_entropy.data();
+    args.grad_entropy = grad_entropy->data();
     args.grad_mean = gmean_ptrs.data();
     args.grad_variance = gvar_ptrs.data();
     args.dx = dx_ptrs.data();
