@@ -31,6 +31,9 @@ is raw only.
 The training-step case times one SGD step of a deep plain ReLU network (default 500 layers of
 width 32, batch 128) without LBE, with LBE through lbe_ops.batch_entropies on every layer's
 activation (the op), and with the composition; the LBE overhead is (with - without) / without.
+A fourth variant ("fan-in") puts the same loss on one tf.add_n over all activations instead of
+their entropies: what it adds is the cost of any loss term on every layer in TensorFlow's tape
+(one gradient sum per layer), the part of the overhead that no op can remove.
 
 Outputs (in --out, default ./lbe-bench-results): results.json (every number, the machine, the
 load, the command), results.md (the table) and results.png (speed-ups and the floor ratio).
@@ -292,10 +295,15 @@ def copy_bandwidth(nbytes, min_time=0.3):
 # The training step
 
 def build_train_step(layers=500, width=32, batch=128, classes=10, lbe="none", seed=0, jit=False):
-    """One SGD step of a plain ReLU network; lbe is 'none', 'op' (lbe_ops, compiled op) or 'graph'.
+    """One SGD step of a plain ReLU network; lbe is 'none', 'op' (lbe_ops, compiled op), 'graph'
+    or 'fan-in'.
 
     The LBE loss is the paper's: task + task * mean_l beta * (H_l - max(alpha_min, |alpha_l|))^2,
     with one learnable alpha per layer, every layer's entropy from one batch_entropies call.
+    'fan-in' puts the same loss on a stand-in for the entropies, one tf.add_n over all
+    activations: every activation read once by one op, and a gradient that costs nothing
+    itself. What it adds to the step is what any loss term on every layer costs in TensorFlow's
+    tape: each activation's gradient becomes a sum of two (one AddN per layer).
     """
     rng = np.random.default_rng(seed)
     weights = [tf.Variable((rng.standard_normal((width, width)) * math.sqrt(2.0 / width))
@@ -321,7 +329,10 @@ def build_train_step(layers=500, width=32, batch=128, classes=10, lbe="none", se
             if lbe == "none":
                 loss = task
             else:
-                h = lbe_ops.batch_entropies(activations)
+                if lbe == "fan-in":
+                    h = tf.reduce_mean(tf.add_n(activations)) + tf.zeros([layers])
+                else:
+                    h = lbe_ops.batch_entropies(activations)
                 target = tf.maximum(alpha_min, tf.abs(alpha))
                 loss = task + task * tf.reduce_mean(beta * tf.square(h - target))
         grads = tape.gradient(loss, variables)
@@ -521,7 +532,8 @@ def write_chart(results, train, path):
     title = "op vs copy-bandwidth floor"
     if train:
         title += f"\ntrain step LBE overhead: op {train['overhead_op_percent']:.1f} %, " \
-                 f"composition {train['overhead_graph_percent']:.0f} %"
+                 f"composition {train['overhead_graph_percent']:.0f} %, " \
+                 f"fan-in {train['overhead_fan_in_percent']:.1f} %"
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -647,7 +659,8 @@ def run_case(case, dtype, mode, variants, min_time, log, quick=False):
 
 
 def run_train(layers, width, batch, min_time, with_xla, log, quick=False):
-    variants = {"plain": dict(lbe="none"), "op": dict(lbe="op"), "graph": dict(lbe="graph")}
+    variants = {"plain": dict(lbe="none"), "op": dict(lbe="op"), "graph": dict(lbe="graph"),
+                "fan-in": dict(lbe="fan-in")}
     if with_xla:
         variants.update({"plain_xla": dict(lbe="none", jit=True),
                          "xla": dict(lbe="graph", jit=True)})
@@ -662,6 +675,7 @@ def run_train(layers, width, batch, min_time, with_xla, log, quick=False):
         "layers": layers, "width": width, "batch": batch, "times": times,
         "overhead_op_percent": 100 * (times["op"]["median"] / plain - 1),
         "overhead_graph_percent": 100 * (times["graph"]["median"] / plain - 1),
+        "overhead_fan_in_percent": 100 * (times["fan-in"]["median"] / plain - 1),
     }
     if with_xla:
         out["overhead_xla_percent"] = 100 * (times["xla"]["median"] /
@@ -669,7 +683,8 @@ def run_train(layers, width, batch, min_time, with_xla, log, quick=False):
     log(f"  training step: plain {_fmt_ms(plain)} ms, with LBE (op) "
         f"{_fmt_ms(times['op']['median'])} ms (+{out['overhead_op_percent']:.1f} %), with LBE "
         f"(composition) {_fmt_ms(times['graph']['median'])} ms "
-        f"(+{out['overhead_graph_percent']:.1f} %)")
+        f"(+{out['overhead_graph_percent']:.1f} %); a loss term on every layer without LBE "
+        f"(fan-in) {_fmt_ms(times['fan-in']['median'])} ms (+{out['overhead_fan_in_percent']:.1f} %)")
     return out
 
 
@@ -743,7 +758,10 @@ def main(argv=None):
                   f" ms; with LBE through the op {_fmt_ms(train['times']['op']['median'])} ms "
                   f"(+{train['overhead_op_percent']:.1f} %); with the composition "
                   f"{_fmt_ms(train['times']['graph']['median'])} ms "
-                  f"(+{train['overhead_graph_percent']:.1f} %).")
+                  f"(+{train['overhead_graph_percent']:.1f} %); a loss term on every layer "
+                  f"without LBE (fan-in: one add_n over all activations) "
+                  f"{_fmt_ms(train['times']['fan-in']['median'])} ms "
+                  f"(+{train['overhead_fan_in_percent']:.1f} %).")
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     if not args.no_chart:
