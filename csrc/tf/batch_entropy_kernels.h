@@ -6,6 +6,7 @@
 #define LBE_OPS_TF_BATCH_ENTROPY_KERNELS_H_
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "batch_entropy_common.h"
@@ -73,7 +74,7 @@ inline absl::Status CheckStats(const tensorflow::Tensor& t, const char* name, in
 
 // A gradient for a statistic: [units], or [0] when none reached it (then *data is null).
 inline absl::Status CheckOptionalStats(const tensorflow::Tensor& t, const char* name,
-                                       int64_t units, const char** data) {
+                                       int64_t units, const void** data) {
   if (t.dims() == 1 && t.dim_size(0) == 0) {
     *data = nullptr;
     return absl::OkStatus();
@@ -83,7 +84,7 @@ inline absl::Status CheckOptionalStats(const tensorflow::Tensor& t, const char* 
                                                "] (or [0] for no gradient), got ",
                                                t.shape().DebugString());
   }
-  *data = static_cast<const char*>(t.data());
+  *data = t.data();
   return absl::OkStatus();
 }
 
@@ -115,14 +116,16 @@ absl::Status GetActivations(tensorflow::OpKernelContext* ctx, int64_t ddof, Acti
   return absl::OkStatus();
 }
 
-// Per-tensor pointers into a flat statistics vector (null entries where base is null: no gradient).
+// Per-tensor pointers into a flat statistics vector (null entries where base is null: no
+// gradient). Pointer is void* for outputs, const void* for inputs.
 template <typename Pointer>
-std::vector<Pointer> SplitStats(const char* base, const Activations& a, int64_t stats_size) {
+std::vector<Pointer> SplitStats(Pointer base, const Activations& a, int64_t stats_size) {
+  using Byte = std::conditional_t<std::is_const_v<std::remove_pointer_t<Pointer>>, const char, char>;
   std::vector<Pointer> out(a.size(), nullptr);
   if (base == nullptr) return out;
   int64_t offset = 0;
   for (int i = 0; i < a.size(); ++i) {
-    out[i] = const_cast<char*>(base) + offset * stats_size;
+    out[i] = static_cast<Byte*>(base) + offset * stats_size;
     offset += a.units[i];
   }
   return out;
@@ -145,10 +148,8 @@ class BatchEntropyOp : public tensorflow::OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, entropy_shape, &entropy));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, {xs.total_units}, &mean));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, {xs.total_units}, &variance));
-    const std::vector<void*> mean_ptrs =
-        SplitStats<void*>(static_cast<const char*>(mean->data()), xs, sizeof(TStats));
-    const std::vector<void*> var_ptrs =
-        SplitStats<void*>(static_cast<const char*>(variance->data()), xs, sizeof(TStats));
+    const std::vector<void*> mean_ptrs = SplitStats<void*>(mean->data(), xs, sizeof(TStats));
+    const std::vector<void*> var_ptrs = SplitStats<void*>(variance->data(), xs, sizeof(TStats));
     lbe::ForwardArgs args;
     args.dtype = CoreDType<T>::value;
     args.ddof = ddof_;
@@ -199,7 +200,7 @@ class BatchEntropyGradOp : public tensorflow::OpKernel {
     }
     OP_REQUIRES_OK(ctx, CheckStats(*mean, mean_name, xs.total_units));
     OP_REQUIRES_OK(ctx, CheckStats(*variance, variance_name, xs.total_units));
-    const char *grad_mean_data = nullptr, *grad_variance_data = nullptr;
+    const void *grad_mean_data = nullptr, *grad_variance_data = nullptr;
     OP_REQUIRES_OK(ctx, CheckOptionalStats(*grad_mean, grad_mean_name, xs.total_units, &grad_mean_data));
     OP_REQUIRES_OK(ctx, CheckOptionalStats(*grad_variance, grad_variance_name, xs.total_units,
                                            &grad_variance_data));
@@ -210,9 +211,9 @@ class BatchEntropyGradOp : public tensorflow::OpKernel {
       dx_ptrs[i] = dx->data();
     }
     const std::vector<const void*> mean_ptrs =
-        SplitStats<const void*>(static_cast<const char*>(mean->data()), xs, sizeof(TStats));
+        SplitStats<const void*>(mean->data(), xs, sizeof(TStats));
     const std::vector<const void*> var_ptrs =
-        SplitStats<const void*>(static_cast<const char*>(variance->data()), xs, sizeof(TStats));
+        SplitStats<const void*>(variance->data(), xs, sizeof(TStats));
     const std::vector<const void*> gmean_ptrs =
         SplitStats<const void*>(grad_mean_data, xs, sizeof(TStats));
     const std::vector<const void*> gvar_ptrs =
