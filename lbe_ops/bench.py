@@ -680,12 +680,20 @@ def run_train(layers, width, batch, min_time, with_xla, log, quick=False):
     if with_xla:
         out["overhead_xla_percent"] = 100 * (times["xla"]["median"] /
                                              times["plain_xla"]["median"] - 1)
-    log(f"  training step: plain {_fmt_ms(plain)} ms, with LBE (op) "
-        f"{_fmt_ms(times['op']['median'])} ms (+{out['overhead_op_percent']:.1f} %), with LBE "
-        f"(composition) {_fmt_ms(times['graph']['median'])} ms "
-        f"(+{out['overhead_graph_percent']:.1f} %); a loss term on every layer without LBE "
-        f"(fan-in) {_fmt_ms(times['fan-in']['median'])} ms (+{out['overhead_fan_in_percent']:.1f} %)")
+    log(f"  {format_train_summary(out)}")
     return out
+
+
+def format_train_summary(train):
+    """One sentence on the training step: each variant's time and its overhead over plain."""
+    times = train["times"]
+    return (f"Training step ({train['layers']} layers of width {train['width']}, batch "
+            f"{train['batch']}, SGD): without LBE {_fmt_ms(times['plain']['median'])} ms; with "
+            f"LBE through the op {_fmt_ms(times['op']['median'])} ms "
+            f"(+{train['overhead_op_percent']:.1f} %); with the composition "
+            f"{_fmt_ms(times['graph']['median'])} ms (+{train['overhead_graph_percent']:.1f} %); "
+            f"a loss term on every layer without LBE (fan-in: one add_n over all activations) "
+            f"{_fmt_ms(times['fan-in']['median'])} ms (+{train['overhead_fan_in_percent']:.1f} %).")
 
 
 def main(argv=None):
@@ -753,15 +761,7 @@ def main(argv=None):
         json.dump(doc, f, indent=1)
     md = [format_table(header, rows, markdown=True)]
     if train:
-        md.append(f"\nTraining step ({train['layers']} layers of width {train['width']}, batch "
-                  f"{train['batch']}, SGD): without LBE {_fmt_ms(train['times']['plain']['median'])}"
-                  f" ms; with LBE through the op {_fmt_ms(train['times']['op']['median'])} ms "
-                  f"(+{train['overhead_op_percent']:.1f} %); with the composition "
-                  f"{_fmt_ms(train['times']['graph']['median'])} ms "
-                  f"(+{train['overhead_graph_percent']:.1f} %); a loss term on every layer "
-                  f"without LBE (fan-in: one add_n over all activations) "
-                  f"{_fmt_ms(train['times']['fan-in']['median'])} ms "
-                  f"(+{train['overhead_fan_in_percent']:.1f} %).")
+        md.append("\n" + format_train_summary(train))
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     if not args.no_chart:
