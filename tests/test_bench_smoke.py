@@ -4,6 +4,7 @@ tools run and write well-formed output."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,27 @@ def test_benchmark_suite_smoke(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+TIME_LOOP = REPO / "scripts" / "time_loop.py"
+
+
+@pytest.mark.skipif(not TIME_LOOP.exists(), reason="scripts/ is not part of this checkout")
+def test_time_loop_script_prints_its_timings(tmp_path):
+    """scripts/time_loop.py (the plain-loop and A/B figures in benchmarks/RESULTS.md): one case in
+    a plain loop, and the training step plain against LBE through the op."""
+    case = subprocess.run(
+        [sys.executable, str(TIME_LOOP), "case", "group-20", "--seconds", "0.2"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert case.returncode == 0, case.stdout[-3000:] + case.stderr[-3000:]
+    assert re.fullmatch(r"group-20 fwdbwd op: \d+\.\d{3} ms/call\n", case.stdout)
+    train = subprocess.run(
+        [sys.executable, str(TIME_LOOP), "train", "--layers", "3", "--seconds", "0.2"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    assert re.fullmatch(r"plain \d+\.\d\d ms, op \d+\.\d\d ms, overhead -?\d+\.\d %\n",
+                        train.stdout)
+    unknown = subprocess.run(
+        [sys.executable, str(TIME_LOOP), "case", "no-such-case"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert unknown.returncode != 0 and "unknown case 'no-such-case'" in unknown.stderr
