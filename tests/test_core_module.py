@@ -136,6 +136,31 @@ def test_cpu_grouped_with_optional_gradients(rng):
         check_backward(x, dx, want)
 
 
+# Narrow blocks (at most 8 vectors of units) take register-tile loops: every vector count from 0
+# to 9 with and without a scalar tail, past the narrow limit, and batches around the 32-row chunk
+# (one chunk, a partial last chunk, several chunks, several row segments).
+NARROW_WIDTHS = [1, 3, 4, 7, 8, 9, 15, 16, 17, 31, 32, 33, 40, 47, 56, 63, 64, 65, 72, 73]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("batch", [2, 31, 32, 33, 129, 4500])
+def test_cpu_narrow_blocks_match_reference(rng, dtype, batch):
+    offset = 1e3 if dtype in (np.float32, np.float64) else 0.0
+    xs = [make_input(rng, (batch, u), dtype, offset) for u in NARROW_WIDTHS]
+    entropies, means, variances = _core.forward(xs)
+    for x, e, m, v in zip(xs, entropies, means, variances):
+        check_forward(x, 1, np.asarray(e).reshape(()), m, v, offset)
+    g = rng.standard_normal(len(xs))
+    gm = [rng.standard_normal(x.shape[1:]) for x in xs]
+    gv = [rng.standard_normal(x.shape[1:]) for x in xs]
+    dxs = _core.backward(xs, means, variances, g, grad_means=gm, grad_variances=gv)
+    for i, (x, dx) in enumerate(zip(xs, dxs)):
+        stats = np.float64 if dtype == np.float64 else np.float32
+        want = ref_backward(x, 1, float(np.asarray(g[i], dtype)), gm[i].astype(stats),
+                            gv[i].astype(stats), mean=means[i], var=variances[i])
+        check_backward(x, dx, want)
+
+
 @pytest.mark.parametrize("ddof", [0, 1])
 @pytest.mark.parametrize("shape", [(5, 3), (4, 2, 2), (3, 1)])
 def test_cpu_gradient_matches_finite_differences(rng, shape, ddof):

@@ -9,9 +9,13 @@
 // log(batch), not batch. Both passes walk the rows front to back, four rows at a time, with the
 // unit loop innermost and vectorized (GCC vector extensions: 256-bit AVX2 in the avx2 build, pairs
 // of SSE2 registers in the generic one); units past the last full vector take a scalar loop with
-// the same arithmetic.
+// the same arithmetic. Narrow blocks (at most kNarrowVectors vectors of units, a deep network's
+// layers) run the same arithmetic with the rows innermost and the accumulators in registers.
 // Backward: dx = (x - mean) * s + t per unit, x read once and dx written once, a run of whole rows
-// per item where the rows are narrow enough.
+// per item where the rows are narrow enough; narrow blocks hold s, t and the means in registers.
+// Both passes prefetch the next work item while they compute (ItemPrefetcher), except the
+// backward pass of narrow blocks: there the prefetches cost as much as the loop itself when the
+// group is in the last-level cache, and gained nothing measurable when it was not.
 #ifndef LBE_CPU_ISA
 #error "define LBE_CPU_ISA before including batch_entropy_cpu_impl.h"
 #endif
@@ -338,6 +342,110 @@ class ItemPrefetcher {
   bool write_ = false;
 };
 
+// Blocks of at most this many whole vectors of units are narrow: their loops keep accumulators
+// and per-unit factors in registers (the tiles below). A deep network's layers are this narrow
+// (32 or 64 units of float32 are 4 or 8 vectors).
+constexpr int64_t kNarrowVectors = 8;
+template <typename T>
+constexpr int64_t NarrowUnits() { return kNarrowVectors * Simd<typename Elem<T>::Acc>::kLanes; }
+
+// Register tiles for narrow blocks: K vectors of units (or K = 1 single units) summed over the
+// chunk's rows with the accumulators in registers, rows innermost. The arithmetic is that of
+// ChunkSum / ChunkM2 below (four rows pairwise, then into the running sum), but a unit loop over a
+// few vectors would carry each accumulator through a store and a reload per four rows.
+template <typename T, bool kVec, int K>
+inline void TileMean(const T* x, int64_t cols, int64_t rb, int64_t re,
+                     typename Elem<T>::Acc inv_n, typename Elem<T>::Acc* __restrict__ mean,
+                     ItemPrefetcher& next, int64_t lines_per_group) {
+  using L = Lane<T, kVec>;
+  constexpr int64_t W = L::kWidth;
+  typename L::V acc[K];
+  for (int k = 0; k < K; ++k) acc[k] = L::Splat(0);
+  int64_t r = rb;
+  for (; r + 4 <= re; r += 4) {
+    const T* __restrict__ x0 = x + r * cols;
+    const T* __restrict__ x1 = x0 + cols;
+    const T* __restrict__ x2 = x1 + cols;
+    const T* __restrict__ x3 = x2 + cols;
+    for (int k = 0; k < K; ++k)
+      acc[k] = acc[k] + ((L::Load(x0 + k * W) + L::Load(x1 + k * W)) +
+                         (L::Load(x2 + k * W) + L::Load(x3 + k * W)));
+    next.Advance(lines_per_group);
+  }
+  for (; r < re; ++r) {
+    const T* __restrict__ x0 = x + r * cols;
+    for (int k = 0; k < K; ++k) acc[k] = acc[k] + L::Load(x0 + k * W);
+  }
+  for (int k = 0; k < K; ++k) L::StoreAcc(mean + k * W, acc[k] * inv_n);
+}
+
+template <typename T, bool kVec, int K>
+inline void TileM2(const T* x, int64_t cols, int64_t rb, int64_t re,
+                   const typename Elem<T>::Acc* __restrict__ mean,
+                   typename Elem<T>::Acc* __restrict__ m2) {
+  using L = Lane<T, kVec>;
+  constexpr int64_t W = L::kWidth;
+  typename L::V acc[K], mu[K];
+  for (int k = 0; k < K; ++k) {
+    acc[k] = L::Splat(0);
+    mu[k] = L::LoadAcc(mean + k * W);
+  }
+  int64_t r = rb;
+  for (; r + 4 <= re; r += 4) {
+    const T* __restrict__ x0 = x + r * cols;
+    const T* __restrict__ x1 = x0 + cols;
+    const T* __restrict__ x2 = x1 + cols;
+    const T* __restrict__ x3 = x2 + cols;
+    for (int k = 0; k < K; ++k) {
+      const auto d0 = L::Load(x0 + k * W) - mu[k], d1 = L::Load(x1 + k * W) - mu[k];
+      const auto d2 = L::Load(x2 + k * W) - mu[k], d3 = L::Load(x3 + k * W) - mu[k];
+      acc[k] = acc[k] + ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3));
+    }
+  }
+  for (; r < re; ++r) {
+    const T* __restrict__ x0 = x + r * cols;
+    for (int k = 0; k < K; ++k) {
+      const auto d = L::Load(x0 + k * W) - mu[k];
+      acc[k] = acc[k] + d * d;
+    }
+  }
+  for (int k = 0; k < K; ++k) L::StoreAcc(m2 + k * W, acc[k]);
+}
+
+// Both passes of one chunk of a narrow block (at most NarrowUnits<T>() units): (mean, M2) of rows
+// [rb, re). The sum pass, which reads the chunk from memory, takes all whole vectors of a row in
+// one tile, so the rows stream front to back; the centering pass reads the chunk from L1 in tiles
+// of at most four vectors (accumulators and means in registers).
+template <typename T>
+inline void NarrowChunk(const T* x, int64_t cols, int64_t rb, int64_t re, int64_t width,
+                        typename Elem<T>::Acc* __restrict__ mean,
+                        typename Elem<T>::Acc* __restrict__ m2, ItemPrefetcher& next,
+                        int64_t lines_per_group) {
+  using Acc = typename Elem<T>::Acc;
+  constexpr int64_t W = Simd<Acc>::kLanes;
+  const Acc inv_n = Acc(1) / static_cast<Acc>(re - rb);
+  const int64_t vectors = width / W;
+  switch (vectors) {
+#define LBE_NARROW_CASE(K) \
+    case K: TileMean<T, true, K>(x, cols, rb, re, inv_n, mean, next, lines_per_group); break;
+    LBE_NARROW_CASE(1) LBE_NARROW_CASE(2) LBE_NARROW_CASE(3) LBE_NARROW_CASE(4)
+    LBE_NARROW_CASE(5) LBE_NARROW_CASE(6) LBE_NARROW_CASE(7) LBE_NARROW_CASE(8)
+#undef LBE_NARROW_CASE
+    default: break;
+  }
+  for (int64_t j = vectors * W; j < width; ++j)
+    TileMean<T, false, 1>(x + j, cols, rb, re, inv_n, mean + j, next, 0);
+  int64_t j = 0;
+  for (; j + 4 * W <= width; j += 4 * W) TileM2<T, true, 4>(x + j, cols, rb, re, mean + j, m2 + j);
+  switch ((width - j) / W) {
+    case 3: TileM2<T, true, 3>(x + j, cols, rb, re, mean + j, m2 + j); j += 3 * W; break;
+    case 2: TileM2<T, true, 2>(x + j, cols, rb, re, mean + j, m2 + j); j += 2 * W; break;
+    case 1: TileM2<T, true, 1>(x + j, cols, rb, re, mean + j, m2 + j); j += W; break;
+    default: break;
+  }
+  for (; j < width; ++j) TileM2<T, false, 1>(x + j, cols, rb, re, mean + j, m2 + j);
+}
+
 // Sum pass over rows [rb, re) of one chunk: sum[j] = sum of x[r, j], four rows at a time.
 template <typename T>
 inline void ChunkSum(const T* x, int64_t cols, int64_t rb, int64_t re, int64_t width,
@@ -410,7 +518,13 @@ void BlockMoments(const T* x, int64_t cols, int64_t u0, int64_t width, int64_t r
   const T* base = x + u0;
   const int64_t groups = std::max<int64_t>(1, (r1 - r0) / 4);
   const int64_t lines_per_group = (next.Lines() + groups - 1) / groups;
+  const bool narrow = width <= NarrowUnits<T>();
   if (chunks == 1) {  // one chunk: straight into the outputs
+    if (narrow) {
+      NarrowChunk<T>(base, cols, r0, r1, width, out_mean, out_m2, next, lines_per_group);
+      *out_n = r1 - r0;
+      return;
+    }
     ChunkSum<T>(base, cols, r0, r1, width, out_mean, next, lines_per_group);
     const Acc inv_n = Acc(1) / static_cast<Acc>(r1 - r0);
     ForUnits<T>(width, [&](auto vec, int64_t j) {
@@ -427,6 +541,12 @@ void BlockMoments(const T* x, int64_t cols, int64_t u0, int64_t width, int64_t r
     const int64_t rb = r0 + c * kChunkRows;
     const int64_t re = std::min(r1, rb + kChunkRows);
     Moments<Acc> m = merger.Slot();
+    if (narrow) {
+      NarrowChunk<T>(base, cols, rb, re, width, m.mean, m.m2, next, lines_per_group);
+      m.n = re - rb;
+      merger.Push(m);
+      continue;
+    }
     ChunkSum<T>(base, cols, rb, re, width, m.mean, next, lines_per_group);
     const Acc inv_n = Acc(1) / static_cast<Acc>(re - rb);
     ForUnits<T>(width, [&](auto vec, int64_t j) {
@@ -600,6 +720,48 @@ void ForwardTyped(const ForwardArgs& args, const ParallelFor& parallel_for) {
   }
 }
 
+// dx = (x - mean) * scale + shift over rows [rb, re) of a narrow block (at most kNarrowVectors
+// vectors of units): K whole vectors with their per-unit factors in registers, then the units past
+// the last whole vector one at a time; rows front to back, so x and dx stream.
+template <typename T, int K>
+inline void NarrowBackwardK(const T* x, T* dx, int64_t cols, int64_t rb, int64_t re,
+                            int64_t width, const typename Elem<T>::Acc* __restrict__ mean,
+                            const typename Elem<T>::Acc* __restrict__ scale,
+                            const typename Elem<T>::Acc* __restrict__ shift) {
+  using L = Lane<T, true>;
+  using S = Lane<T, false>;
+  constexpr int64_t W = L::kWidth;
+  typename L::V mu[K > 0 ? K : 1], s[K > 0 ? K : 1], t[K > 0 ? K : 1];
+  for (int k = 0; k < K; ++k) {
+    mu[k] = L::LoadAcc(mean + k * W);
+    s[k] = L::LoadAcc(scale + k * W);
+    t[k] = L::LoadAcc(shift + k * W);
+  }
+  for (int64_t r = rb; r < re; ++r) {
+    const T* __restrict__ xr = x + r * cols;
+    T* __restrict__ dr = dx + r * cols;
+    for (int k = 0; k < K; ++k) L::Store(dr + k * W, (L::Load(xr + k * W) - mu[k]) * s[k] + t[k]);
+    for (int64_t j = K * W; j < width; ++j)
+      S::Store(dr + j, (S::Load(xr + j) - mean[j]) * scale[j] + shift[j]);
+  }
+}
+
+template <typename T>
+inline void NarrowBackward(const T* x, T* dx, int64_t cols, int64_t rb, int64_t re, int64_t width,
+                           const typename Elem<T>::Acc* mean, const typename Elem<T>::Acc* scale,
+                           const typename Elem<T>::Acc* shift) {
+  constexpr int64_t W = Simd<typename Elem<T>::Acc>::kLanes;
+  switch (width / W) {
+#define LBE_NARROW_CASE(K) \
+    case K: return NarrowBackwardK<T, K>(x, dx, cols, rb, re, width, mean, scale, shift);
+    LBE_NARROW_CASE(0) LBE_NARROW_CASE(1) LBE_NARROW_CASE(2) LBE_NARROW_CASE(3)
+    LBE_NARROW_CASE(4) LBE_NARROW_CASE(5) LBE_NARROW_CASE(6) LBE_NARROW_CASE(7)
+    LBE_NARROW_CASE(8)
+#undef LBE_NARROW_CASE
+    default: break;
+  }
+}
+
 template <typename T>
 void BackwardTyped(const BackwardArgs& args, const ParallelFor& parallel_for) {
   using Acc = typename Elem<T>::Acc;
@@ -609,12 +771,6 @@ void BackwardTyped(const BackwardArgs& args, const ParallelFor& parallel_for) {
   const int64_t num_items = static_cast<int64_t>(plan.items.size());
   RunItems(plan, parallel_for, 3, [&](int64_t i) {
     const WorkItem& item = plan.items[i];
-    ItemPrefetcher next_x, next_dx;
-    if (i + 1 < num_items) {
-      const WorkItem& n = plan.items[i + 1];
-      next_x = ItemPrefetcher(args.x[n.tensor], args.units[n.tensor], n, false, T{});
-      next_dx = ItemPrefetcher(args.dx[n.tensor], args.units[n.tensor], n, true, T{});
-    }
     const int64_t t = item.tensor, u0 = item.unit_begin, cols = args.units[t];
     const int64_t width = item.unit_end - u0;
     const int64_t rows = args.batch[t];
@@ -645,6 +801,17 @@ void BackwardTyped(const BackwardArgs& args, const ParallelFor& parallel_for) {
     });
     const T* x = static_cast<const T*>(args.x[t]) + u0;
     T* dx = static_cast<T*>(args.dx[t]) + u0;
+    if (width <= NarrowUnits<T>()) {
+      NarrowBackward<T>(x, dx, cols, item.row_begin, item.row_end, width, mean, scale, shift);
+      return;
+    }
+    // Wide items: the first lines of the next item (the whole of it, if it is small), a few per row.
+    ItemPrefetcher next_x, next_dx;
+    if (i + 1 < num_items) {
+      const WorkItem& n = plan.items[i + 1];
+      next_x = ItemPrefetcher(args.x[n.tensor], args.units[n.tensor], n, false, T{});
+      next_dx = ItemPrefetcher(args.dx[n.tensor], args.units[n.tensor], n, true, T{});
+    }
     const int64_t item_rows = item.row_end - item.row_begin;
     const int64_t x_lines = (next_x.Lines() + item_rows - 1) / item_rows;
     const int64_t dx_lines = (next_dx.Lines() + item_rows - 1) / item_rows;
