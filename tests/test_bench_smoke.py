@@ -1,10 +1,11 @@
-"""Smoke test of the benchmarks: lbe-bench in its quickest mode, and the pytest-benchmark suite
-with timing disabled. Benchmarks are not tests: nothing here looks at a timing, only that the
-tools run and write well-formed output."""
+"""Smoke test of the benchmarks: lbe-bench in its quickest mode, the pytest-benchmark suite with
+timing disabled, scripts/time_loop.py and the core-only benchmarks/core_bench.cc. Benchmarks are
+not tests: nothing here looks at a timing, only that the tools run and write well-formed output."""
 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,28 @@ def test_time_loop_script_prints_its_timings(tmp_path):
         [sys.executable, str(TIME_LOOP), "case", "no-such-case"],
         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert unknown.returncode != 0 and "unknown case 'no-such-case'" in unknown.stderr
+
+
+@pytest.mark.skipif(not shutil.which("cmake"), reason="needs cmake")
+def test_core_bench_builds_and_runs(tmp_path):
+    """benchmarks/core_bench.cc (the CPU core alone, for kernel A/Bs) through its CMake target."""
+    build = tmp_path / "build"
+    configure = subprocess.run(
+        ["cmake", "-S", str(REPO), "-B", str(build), "-DLBE_OPS_WITH_TF=OFF",
+         "-DLBE_OPS_WITH_PYBIND=OFF", "-DLBE_OPS_CUDA=0", f"-DLBE_OPS_OUTPUT_DIR={tmp_path}"],
+        capture_output=True, text=True, timeout=300)
+    assert configure.returncode == 0, configure.stdout[-3000:] + configure.stderr[-3000:]
+    compile_ = subprocess.run(["cmake", "--build", str(build), "--target", "lbe_core_bench", "-j2"],
+                              capture_output=True, text=True, timeout=600)
+    assert compile_.returncode == 0, compile_.stdout[-3000:] + compile_.stderr[-3000:]
+    bench = build / "lbe_core_bench"
+    # A narrow group with a scalar tail, two copies, two threads.
+    proc = subprocess.run([str(bench), "5", "40", "33", "2", "0.05", "2"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^isa (avx2|generic), 2 thread\(s\), 5 x \[40, 33\] float32", proc.stdout, re.M)
+    for name in ("forward", "backward"):
+        match = re.search(rf"^{name} +([0-9.]+) ms per call \(min ([0-9.]+)\)", proc.stdout, re.M)
+        assert match and 0 <= float(match.group(2)) <= float(match.group(1)), proc.stdout
+    bad = subprocess.run([str(bench), "5", "1", "33"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "B >= 2" in bad.stderr
