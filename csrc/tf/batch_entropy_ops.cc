@@ -52,33 +52,7 @@ absl::Status UnitsShape(InferenceContext* c, ShapeHandle x, ShapeHandle* units) 
   return absl::OkStatus();
 }
 
-absl::Status BatchEntropyShape(InferenceContext* c) {
-  TF_RETURN_IF_ERROR(CheckStatsType(c));
-  ShapeHandle units;
-  TF_RETURN_IF_ERROR(UnitsShape(c, c->input(0), &units));
-  c->set_output(0, c->Scalar());
-  c->set_output(1, units);
-  c->set_output(2, units);
-  return absl::OkStatus();
-}
-
-absl::Status BatchEntropyGradShape(InferenceContext* c) {
-  TF_RETURN_IF_ERROR(CheckStatsType(c));
-  ShapeHandle units, merged, unused;
-  TF_RETURN_IF_ERROR(UnitsShape(c, c->input(0), &units));
-  for (int i : {1, 2}) {
-    TF_RETURN_IF_ERROR(c->Merge(units, c->input(i), &merged));
-  }
-  // grad_mean and grad_variance are [U], or [0] when no gradient reached that output.
-  for (int i : {4, 5}) {
-    TF_RETURN_IF_ERROR(c->WithRank(c->input(i), 1, &unused));
-  }
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 0, &unused));
-  c->set_output(0, c->input(0));
-  return absl::OkStatus();
-}
-
-// The length of the flat statistics of a group: the sum of the tensors' units.
+// The length of the flat statistics of n tensors (inputs 0 .. n-1): the sum of their units.
 absl::Status GroupUnitsShape(InferenceContext* c, int n, ShapeHandle* total) {
   DimensionHandle sum = c->MakeDim(0);
   for (int i = 0; i < n; ++i) {
@@ -90,33 +64,41 @@ absl::Status GroupUnitsShape(InferenceContext* c, int n, ShapeHandle* total) {
   return absl::OkStatus();
 }
 
-absl::Status BatchEntropiesShape(InferenceContext* c) {
+// The single op is the grouped op's N = 1 case, except that its entropy is a scalar (and its
+// gradient's grad_entropy too).
+template <bool kGrouped>
+absl::Status ForwardShape(InferenceContext* c) {
   TF_RETURN_IF_ERROR(CheckStatsType(c));
-  int n;
-  TF_RETURN_IF_ERROR(c->GetAttr("N", &n));
+  int n = 1;
+  if (kGrouped) TF_RETURN_IF_ERROR(c->GetAttr("N", &n));
   ShapeHandle total;
   TF_RETURN_IF_ERROR(GroupUnitsShape(c, n, &total));
-  c->set_output(0, c->Vector(n));
+  c->set_output(0, kGrouped ? c->Vector(n) : c->Scalar());
   c->set_output(1, total);
   c->set_output(2, total);
   return absl::OkStatus();
 }
 
-absl::Status BatchEntropiesGradShape(InferenceContext* c) {
+template <bool kGrouped>
+absl::Status GradShape(InferenceContext* c) {
   TF_RETURN_IF_ERROR(CheckStatsType(c));
-  int n;
-  TF_RETURN_IF_ERROR(c->GetAttr("N", &n));
-  // Inputs: xs[0, n), means n, variances n+1, grad_entropies n+2, grad_means n+3,
-  // grad_variances n+4.
+  int n = 1;
+  if (kGrouped) TF_RETURN_IF_ERROR(c->GetAttr("N", &n));
+  // Inputs: x or xs[0, n), mean(s) n, variance(s) n+1, grad_entropy(/ies) n+2, grad_mean(s) n+3,
+  // grad_variance(s) n+4.
   ShapeHandle total, merged, unused;
   TF_RETURN_IF_ERROR(GroupUnitsShape(c, n, &total));
   for (int i : {n, n + 1}) {
     TF_RETURN_IF_ERROR(c->Merge(total, c->input(i), &merged));
   }
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(n + 2), 1, &unused));
-  DimensionHandle unused_dim;
-  TF_RETURN_IF_ERROR(c->WithValue(c->Dim(c->input(n + 2), 0), n, &unused_dim));
-  for (int i : {n + 3, n + 4}) {  // [S], or [0]: no gradient
+  if (kGrouped) {
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(n + 2), 1, &unused));
+    DimensionHandle unused_dim;
+    TF_RETURN_IF_ERROR(c->WithValue(c->Dim(c->input(n + 2), 0), n, &unused_dim));
+  } else {
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(n + 2), 0, &unused));
+  }
+  for (int i : {n + 3, n + 4}) {  // the statistics' length, or [0]: no gradient reached them
     TF_RETURN_IF_ERROR(c->WithRank(c->input(i), 1, &unused));
   }
   for (int i = 0; i < n; ++i) c->set_output(i, c->input(i));
@@ -134,7 +116,7 @@ REGISTER_OP("Lbe>BatchEntropy")
     .Attr("T: {half, bfloat16, float, double}")
     .Attr("Tstats: {float, double} = DT_FLOAT")
     .Attr("ddof: int >= 0 = 1")
-    .SetShapeFn(lbe_tf::BatchEntropyShape)
+    .SetShapeFn(lbe_tf::ForwardShape<false>)
     .Doc(R"doc(
 Batch entropy of x viewed as [B, U]: mean over units of 0.5 * ln(pi * e * var + 1), with the
 per-unit variance over the batch (ddof delta degrees of freedom). Also returns the per-unit mean
@@ -152,7 +134,7 @@ REGISTER_OP("Lbe>BatchEntropyGrad")
     .Attr("T: {half, bfloat16, float, double}")
     .Attr("Tstats: {float, double} = DT_FLOAT")
     .Attr("ddof: int >= 0 = 1")
-    .SetShapeFn(lbe_tf::BatchEntropyGradShape)
+    .SetShapeFn(lbe_tf::GradShape<false>)
     .Doc("Gradient of Lbe>BatchEntropy with respect to x, in one pass over x.");
 
 REGISTER_OP("Lbe>BatchEntropies")
@@ -164,7 +146,7 @@ REGISTER_OP("Lbe>BatchEntropies")
     .Attr("T: {half, bfloat16, float, double}")
     .Attr("Tstats: {float, double} = DT_FLOAT")
     .Attr("ddof: int >= 0 = 1")
-    .SetShapeFn(lbe_tf::BatchEntropiesShape)
+    .SetShapeFn(lbe_tf::ForwardShape<true>)
     .Doc(R"doc(
 Lbe>BatchEntropy of each of N tensors (shapes may differ) in one op. means and variances hold the
 per-unit statistics of all tensors one after another (tensor 0's units first).
@@ -182,5 +164,5 @@ REGISTER_OP("Lbe>BatchEntropiesGrad")
     .Attr("T: {half, bfloat16, float, double}")
     .Attr("Tstats: {float, double} = DT_FLOAT")
     .Attr("ddof: int >= 0 = 1")
-    .SetShapeFn(lbe_tf::BatchEntropiesGradShape)
+    .SetShapeFn(lbe_tf::GradShape<true>)
     .Doc("Gradient of Lbe>BatchEntropies with respect to each of the N tensors.");
