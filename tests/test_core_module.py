@@ -161,6 +161,22 @@ def test_cpu_narrow_blocks_match_reference(rng, dtype, batch):
         check_backward(x, dx, want)
 
 
+
+@pytest.mark.parametrize("units", [1, 8, 13])
+def test_cpu_entropy_epilogue_is_accurate_over_the_variance_range(rng, units):
+    """0.5 * log1p(pi e v) per unit, from the kernel's own float32 variance (so that only the
+    epilogue's error is seen), for variances from 1e-14 (log1p(z) ~ z) to 1e12, and 0."""
+    spreads = np.concatenate([[0.0], 10.0 ** np.linspace(-7, 6, 200)])
+    xs = []
+    for s in spreads:
+        x = rng.standard_normal((6, units)) * s
+        xs.append(x.astype(np.float32))
+    entropies, _, variances = _core.forward(xs)
+    for e, v in zip(entropies, variances):
+        want = float(np.mean(0.5 * np.log1p(PI_E * np.asarray(v, np.float64))))
+        # a few float ulps of each unit's term, and the rounding of the mean to float32
+        assert abs(float(e) - want) <= 8 * 2.0 ** -24 * want + 1e-45, (float(e), want, v)
+
 @pytest.mark.parametrize("ddof", [0, 1])
 @pytest.mark.parametrize("shape", [(5, 3), (4, 2, 2), (3, 1)])
 def test_cpu_gradient_matches_finite_differences(rng, shape, ddof):
