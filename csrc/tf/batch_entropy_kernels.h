@@ -19,9 +19,6 @@ namespace lbe_tf {
 struct CpuDevice {};
 struct GpuDevice {};
 
-// Where TensorFlow's allocators put every tensor (Allocator::kAllocatorAlignment).
-inline constexpr int64_t kOutputAlignment = 64;
-
 // Each device specializes this: enqueue (or run) the core on that device.
 template <typename Device>
 struct Launcher {
@@ -236,8 +233,8 @@ class BatchEntropyGradOp : public tensorflow::OpKernel {
  private:
   // One dx per input. A group's dx tensors are slices of one buffer: one allocation (and one
   // free) per call instead of one per tensor, which for a group of hundreds of small layers
-  // was a visible part of the op's time. Each slice starts on a kOutputAlignment boundary, as
-  // its own allocation would, so every consumer may use aligned loads.
+  // was a visible part of the op's time. Each slice starts on a boundary of TensorFlow's
+  // allocator alignment, as its own allocation would, so every consumer may use aligned loads.
   static absl::Status AllocateGradients(tensorflow::OpKernelContext* ctx, const Activations& xs,
                                         std::vector<void*>* dx_ptrs) {
     const int n = xs.size();
@@ -247,26 +244,25 @@ class BatchEntropyGradOp : public tensorflow::OpKernel {
       (*dx_ptrs)[0] = dx->data();
       return absl::OkStatus();
     }
-    constexpr int64_t kStep = kOutputAlignment / sizeof(T);
-    std::vector<int64_t> offsets(n);
+    constexpr int64_t kStep = tensorflow::Allocator::kAllocatorAlignment / sizeof(T);
+    auto padded = [&](int i) { return (xs.list[i].NumElements() + kStep - 1) / kStep * kStep; };
     int64_t total = 0;
-    for (int i = 0; i < n; ++i) {
-      offsets[i] = total;
-      total += (xs.list[i].NumElements() + kStep - 1) / kStep * kStep;
-    }
+    for (int i = 0; i < n; ++i) total += padded(i);
     tensorflow::Tensor buffer;
     TF_RETURN_IF_ERROR(
         ctx->allocate_temp(tensorflow::DataTypeToEnum<T>::value, tensorflow::TensorShape({total}),
                            &buffer));
+    int64_t offset = 0;
     for (int i = 0; i < n; ++i) {
       const tensorflow::Tensor& x = xs.list[i];
       tensorflow::Tensor dx;
-      if (!dx.CopyFrom(buffer.Slice(offsets[i], offsets[i] + x.NumElements()), x.shape())) {
+      if (!dx.CopyFrom(buffer.Slice(offset, offset + x.NumElements()), x.shape())) {
         return tensorflow::errors::Internal("BatchEntropiesGrad: cannot view the gradient buffer "
                                             "as shape ", x.shape().DebugString());
       }
       (*dx_ptrs)[i] = dx.data();
       ctx->set_output(i, std::move(dx));
+      offset += padded(i);
     }
     return absl::OkStatus();
   }
