@@ -18,10 +18,11 @@ forward+backward: read x twice, write dx once) at the machine's copy bandwidth, 
 np.copyto of the same number of bytes (read + write bytes over its time), timed in the same
 interleaved rounds as the variants so that it sees the same load.
 
-Timing: all variants of a case are traced and warmed up first, then run in interleaved rounds
-(op, graph, xla, op, graph, xla, ...), each round a loop of calls lasting >= 20 ms; the figure is
+Timing: all variants of a case are traced and warmed up first, then run in interleaved rounds,
+each round a loop of calls lasting >= 20 ms, in a new (seeded) order every round; the figure is
 the median per-call time over the rounds, so a burst of load from other processes hits every
-variant alike. Grouped inputs are cut from one input tensor inside the function (tf.split, no
+variant alike, and no variant always follows the same one (a fixed order had put the op right
+after the single-threaded copy in every round, which slowed it by a quarter or more). Grouped inputs are cut from one input tensor inside the function (tf.split, no
 copy) and their gradients summed per shape (tf.add_n) to a few outputs. Everything that is not
 LBE (the tf.function call itself, about 0.3 ms on a loaded 2-core VM, the split and the sums)
 is timed alone as the "harness" (graph mode) and reported, so the graph/op ratio can be read
@@ -46,6 +47,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -225,8 +227,22 @@ def _block(outputs):
 # --------------------------------------------------------------------------------------------
 # Timing
 
+def round_orders(names, seed=0):
+    """The order of the functions in each round: a fresh permutation per round (seeded, so
+    repeatable). What ran just before a function changes its time on a VM (caches, the idle
+    second vCPU after single-threaded work): every variant ran 11-40 % slower right after
+    np.copyto than after the others (benchmarks/RESULTS.md). A fixed order put the op after the
+    copy in every round; permuted, each function follows each other one about equally often."""
+    rng = random.Random(seed)
+    while True:
+        order = list(names)
+        rng.shuffle(order)
+        yield order
+
+
 def time_interleaved(fns, min_time=1.0, min_rounds=7, max_rounds=60, round_time=0.02):
-    """Median seconds per call of each function, measured in interleaved rounds.
+    """Median seconds per call of each function, measured in interleaved rounds, each round in
+    a new order (round_orders).
 
     Returns {name: {"median": s, "min": s, "p25": s, "p75": s, "rounds": n, "calls": k}}.
     """
@@ -241,8 +257,9 @@ def time_interleaved(fns, min_time=1.0, min_rounds=7, max_rounds=60, round_time=
     samples = {name: [] for name in names}
     start = time.perf_counter()
     rounds = 0
+    orders = round_orders(names)
     while rounds < min_rounds or (time.perf_counter() - start < min_time and rounds < max_rounds):
-        for name in names:
+        for name in next(orders):
             fn, k = fns[name], inner[name]
             t0 = time.perf_counter()
             for _ in range(k):

@@ -23,6 +23,21 @@ def _env():
     return env
 
 
+def test_round_orders_permute_and_vary_the_predecessor():
+    """Each round runs every function once; over many rounds every function follows every other
+    one (a fixed order had always put the op right after the copy)."""
+    from itertools import islice
+
+    from lbe_ops.bench import round_orders
+
+    names = ["op", "graph", "xla", "harness", "copy"]
+    orders = list(islice(round_orders(names), 200))
+    assert all(sorted(o) == sorted(names) for o in orders)
+    followed = {(a, b) for o in orders for a, b in zip(o, o[1:])}
+    assert followed == {(a, b) for a in names for b in names if a != b}
+    assert orders == list(islice(round_orders(names), 200))  # seeded: repeatable
+
+
 def test_lbe_bench_quick_writes_json_table_and_chart(tmp_path):
     out = tmp_path / "bench"
     # -m runs the same main() as the lbe-bench console script; from tmp_path, so the lbe_ops
