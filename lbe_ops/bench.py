@@ -34,7 +34,10 @@ width 32, batch 128) without LBE, with LBE through lbe_ops.batch_entropies on ev
 activation (the op), and with the composition; the LBE overhead is (with - without) / without.
 A fourth variant ("fan-in") puts the same loss on one tf.add_n over all activations instead of
 their entropies: what it adds is the cost of any loss term on every layer in TensorFlow's tape
-(one gradient sum per layer), the part of the overhead that no op can remove.
+(one gradient sum per layer), the part of the overhead that no op can remove. Steps are timed in
+rounds of several steps of one variant after an untimed one (steady state, as in a training
+loop): a step that follows a step of another variant is slower, and the variants differ in how
+much.
 
 Outputs (in --out, default ./lbe-bench-results): results.json (every number, the machine, the
 load, the command), results.md (the table) and results.png (speed-ups and the floor ratio).
@@ -290,6 +293,12 @@ def page_faults_per_call(fn, calls=5):
 
 
 _QUICK_TIMING = {"min_rounds": 3, "round_time": 0.005}
+# Training steps take 10-30 ms, so 20 ms rounds would time one step each. A step right after a
+# step of another variant runs slower (the allocator's and the caches' state is the other
+# variant's), and one untimed step does not undo all of it: with one timed step per round the
+# op's overhead read +12-15 % and the composition's +50 %, with seven +22 % and +113 % (steady
+# state, as in a training loop; benchmarks/RESULTS.md). Rounds of about 0.15 s.
+_TRAIN_TIMING = {"min_rounds": 9, "round_time": 0.15}
 
 
 def copy_bandwidth(nbytes, min_time=0.3):
@@ -687,7 +696,7 @@ def run_train(layers, width, batch, min_time, with_xla, log, quick=False):
         fns[name] = build_train_step(layers=layers, width=width, batch=batch, **kw)
     log(f"  training step: {layers} layers of width {width}, batch {batch}: tracing ...")
     times = time_interleaved(fns, min_time=min_time,
-                             **(_QUICK_TIMING if quick else {"min_rounds": 9}))
+                             **(_QUICK_TIMING if quick else _TRAIN_TIMING))
     plain = times["plain"]["median"]
     out = {
         "layers": layers, "width": width, "batch": batch, "times": times,
