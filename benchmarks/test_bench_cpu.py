@@ -65,7 +65,7 @@ def test_batch_entropy(benchmark, case_name, dtype, mode, variant):
     assert _finite_entropy(outputs)
 
 
-@pytest.mark.parametrize("lbe", ["none", "op", "graph", "fan-in"])
+@pytest.mark.parametrize("lbe", ["none", "op", "graph", "fan-in", "op-forward"])
 def test_train_step(benchmark, lbe):
     step = bench.build_train_step(layers=_TRAIN_LAYERS, lbe=lbe)
     step()  # trace outside the timing

@@ -19,25 +19,27 @@ np.copyto of the same number of bytes (read + write bytes over its time), timed 
 interleaved rounds as the variants so that it sees the same load.
 
 Timing: all variants of a case are traced and warmed up first, then run in interleaved rounds,
-each round a loop of calls lasting >= 20 ms, in a new (seeded) order every round; the figure is
-the median per-call time over the rounds, so a burst of load from other processes hits every
-variant alike, and no variant always follows the same one (a fixed order had put the op right
-after the single-threaded copy in every round, which slowed it by a quarter or more). Grouped inputs are cut from one input tensor inside the function (tf.split, no
+each round one untimed call and then a loop of calls lasting >= 20 ms, in a new (seeded) order
+every round; the figure is the median per-call time over the rounds, so a burst of load from
+other processes hits every variant alike, and no variant always follows the same one (a fixed
+order had put the op right after the single-threaded copy in every round, which slowed it by a
+quarter or more). Grouped inputs are cut from one input tensor inside the function (tf.split, no
 copy) and their gradients summed per shape (tf.add_n) to a few outputs. Everything that is not
-LBE (the tf.function call itself, about 0.3 ms on a loaded 2-core VM, the split and the sums)
-is timed alone as the "harness" (graph mode) and reported, so the graph/op ratio can be read
-with it (`raw`) or without it (`net`); XLA compiles the harness into its own program, so xla/op
-is raw only.
+LBE (the tf.function call itself, about 0.3 ms on a loaded 2-core VM, the split and the sums) is
+timed alone as the "harness" (graph mode) and reported, so the graph/op ratio can be read with
+it (`raw`) or without it (`net`); XLA compiles the harness into its own program, so xla/op is
+raw only.
 
 The training-step case times one SGD step of a deep plain ReLU network (default 500 layers of
 width 32, batch 128) without LBE, with LBE through lbe_ops.batch_entropies on every layer's
-activation (the op), and with the composition; the LBE overhead is (with - without) / without.
-A fourth variant ("fan-in") puts the same loss on one tf.add_n over all activations instead of
+activation (the op), and with the composition; the LBE overhead is (with - without) / without. A
+fourth variant ("fan-in") puts the same loss on one tf.add_n over all activations instead of
 their entropies: what it adds is the cost of any loss term on every layer in TensorFlow's tape
-(one gradient sum per layer), the part of the overhead that no op can remove. Steps are timed in
-rounds of several steps of one variant after an untimed one (steady state, as in a training
-loop): a step that follows a step of another variant is slower, and the variants differ in how
-much.
+(one gradient sum per layer), the part of the overhead that no op can remove. A fifth
+("op-forward") runs the op's forward but holds the entropies constant for the gradient: the
+forward op's share of the overhead. Steps are timed in rounds of several steps of one variant
+after an untimed one (steady state, as in a training loop): a step that follows a step of
+another variant is slower, and the variants differ in how much.
 
 Outputs (in --out, default ./lbe-bench-results): results.json (every number, the machine, the
 load, the command), results.md (the table) and results.png (speed-ups and the floor ratio).
@@ -322,8 +324,8 @@ def copy_bandwidth(nbytes, min_time=0.3):
 # The training step
 
 def build_train_step(layers=500, width=32, batch=128, classes=10, lbe="none", seed=0, jit=False):
-    """One SGD step of a plain ReLU network; lbe is 'none', 'op' (lbe_ops, compiled op), 'graph'
-    or 'fan-in'.
+    """One SGD step of a plain ReLU network; lbe is 'none', 'op' (lbe_ops, compiled op), 'graph',
+    'fan-in' or 'op-forward'.
 
     The LBE loss is the paper's: task + task * mean_l beta * (H_l - max(alpha_min, |alpha_l|))^2,
     with one learnable alpha per layer, every layer's entropy from one batch_entropies call.
@@ -331,6 +333,9 @@ def build_train_step(layers=500, width=32, batch=128, classes=10, lbe="none", se
     activations: every activation read once by one op, and a gradient that costs nothing
     itself. What it adds to the step is what any loss term on every layer costs in TensorFlow's
     tape: each activation's gradient becomes a sum of two (one AddN per layer).
+    'op-forward' computes the entropies with the op but holds them constant for the gradient
+    (tf.stop_gradient): the loss value of 'op', without the gradient op and without the per-layer
+    gradient sums, so that op - op-forward is what the gradient op and its fan-in add.
     """
     rng = np.random.default_rng(seed)
     weights = [tf.Variable((rng.standard_normal((width, width)) * math.sqrt(2.0 / width))
@@ -358,6 +363,8 @@ def build_train_step(layers=500, width=32, batch=128, classes=10, lbe="none", se
             else:
                 if lbe == "fan-in":
                     h = tf.reduce_mean(tf.add_n(activations)) + tf.zeros([layers])
+                elif lbe == "op-forward":
+                    h = tf.stop_gradient(lbe_ops.batch_entropies(activations))
                 else:
                     h = lbe_ops.batch_entropies(activations)
                 target = tf.maximum(alpha_min, tf.abs(alpha))
@@ -687,7 +694,7 @@ def run_case(case, dtype, mode, variants, min_time, log, quick=False):
 
 def run_train(layers, width, batch, min_time, with_xla, log, quick=False):
     variants = {"plain": dict(lbe="none"), "op": dict(lbe="op"), "graph": dict(lbe="graph"),
-                "fan-in": dict(lbe="fan-in")}
+                "fan-in": dict(lbe="fan-in"), "op-forward": dict(lbe="op-forward")}
     if with_xla:
         variants.update({"plain_xla": dict(lbe="none", jit=True),
                          "xla": dict(lbe="graph", jit=True)})
@@ -703,6 +710,7 @@ def run_train(layers, width, batch, min_time, with_xla, log, quick=False):
         "overhead_op_percent": 100 * (times["op"]["median"] / plain - 1),
         "overhead_graph_percent": 100 * (times["graph"]["median"] / plain - 1),
         "overhead_fan_in_percent": 100 * (times["fan-in"]["median"] / plain - 1),
+        "overhead_op_forward_percent": 100 * (times["op-forward"]["median"] / plain - 1),
     }
     if with_xla:
         out["overhead_xla_percent"] = 100 * (times["xla"]["median"] /
@@ -720,7 +728,10 @@ def format_train_summary(train):
             f"(+{train['overhead_op_percent']:.1f} %); with the composition "
             f"{_fmt_ms(times['graph']['median'])} ms (+{train['overhead_graph_percent']:.1f} %); "
             f"a loss term on every layer without LBE (fan-in: one add_n over all activations) "
-            f"{_fmt_ms(times['fan-in']['median'])} ms (+{train['overhead_fan_in_percent']:.1f} %).")
+            f"{_fmt_ms(times['fan-in']['median'])} ms (+{train['overhead_fan_in_percent']:.1f} %); "
+            f"the op's forward alone (entropies held constant for the gradient) "
+            f"{_fmt_ms(times['op-forward']['median'])} ms "
+            f"(+{train['overhead_op_forward_percent']:.1f} %).")
 
 
 def main(argv=None):

@@ -57,7 +57,7 @@ def main(argv=None):
     c.add_argument("--dtype", default="float32")
     c.add_argument("--seconds", type=float, default=5.0)
     t = sub.add_parser("train", help="the training step, plain against one LBE variant")
-    t.add_argument("--variant", choices=("op", "graph", "fan-in"), default="op")
+    t.add_argument("--variant", choices=("op", "graph", "fan-in", "op-forward"), default="op")
     t.add_argument("--layers", type=int, default=500)
     t.add_argument("--seconds", type=float, default=8.0)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)

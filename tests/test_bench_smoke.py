@@ -64,9 +64,12 @@ def test_lbe_bench_quick_writes_json_table_and_chart(tmp_path):
         assert set(r["ratios"]) >= {"graph/op", "xla/op", "op/floor"}
     assert {("tiny", "fwd"), ("tiny", "fwdbwd"), ("group-20", "fwdbwd")} <= seen
     train = doc["train_step"]
-    assert train["layers"] == 10 and set(train["times"]) == {"plain", "op", "graph", "fan-in"}
+    assert train["layers"] == 10 and set(train["times"]) == {"plain", "op", "graph", "fan-in",
+                                                          "op-forward"}
     assert train["overhead_fan_in_percent"] == pytest.approx(
         100 * (train["times"]["fan-in"]["median"] / train["times"]["plain"]["median"] - 1))
+    assert train["overhead_op_forward_percent"] == pytest.approx(
+        100 * (train["times"]["op-forward"]["median"] / train["times"]["plain"]["median"] - 1))
     assert all(t["value"] is None or isinstance(t["met"], bool) for t in doc["targets"])
 
     table = (out / "results.md").read_text()
