@@ -577,6 +577,16 @@ def write_chart(results, train, path):
 # --------------------------------------------------------------------------------------------
 # Command line
 
+def _non_negative_seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="lbe-bench",
@@ -592,10 +602,14 @@ def parse_args(argv):
                    "overrides each case's dtype list")
     p.add_argument("--modes", default="fwd,fwdbwd", help="comma-separated: fwd, fwdbwd")
     p.add_argument("--variants", default="op,graph,xla", help="comma-separated: op, graph, xla")
-    p.add_argument("--min-time", type=float, default=None,
+    p.add_argument("--min-time", type=_non_negative_seconds, default=None,
                    help="seconds of interleaved rounds per case and mode (default 2, quick 0.1)")
     p.add_argument("--train-layers", type=int, default=None,
                    help="depth of the training-step network (default 500, quick 10; 0: skip)")
+    p.add_argument("--train-time", type=_non_negative_seconds, default=None,
+                   help="seconds of interleaved rounds for the training step (default 15, quick "
+                        "0.1): its variants differ by a few percent, about as much as the noise "
+                        "of a few rounds on a shared VM")
     p.add_argument("--train-width", type=int, default=32)
     p.add_argument("--train-batch", type=int, default=128)
     p.add_argument("--train-xla", action="store_true",
@@ -773,9 +787,10 @@ def main(argv=None):
                                         quick=args.quick))
     train = None
     if train_layers > 0:
-        train = run_train(train_layers, args.train_width, args.train_batch,
-                          max(min_time, 0.1) * (2 if not args.quick else 1), args.train_xla, log,
-                          quick=args.quick)
+        train_time = args.train_time if args.train_time is not None else (
+            0.1 if args.quick else 15.0)
+        train = run_train(train_layers, args.train_width, args.train_batch, train_time,
+                          args.train_xla, log, quick=args.quick)
     load_after = load_average()
     targets = evaluate_targets(results, train)
     header, rows = table_rows(results)

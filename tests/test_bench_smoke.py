@@ -38,6 +38,16 @@ def test_round_orders_permute_and_vary_the_predecessor():
     assert orders == list(islice(round_orders(names), 200))  # seeded: repeatable
 
 
+@pytest.mark.parametrize("flag", ["--min-time", "--train-time"])
+@pytest.mark.parametrize("value", ["-1", "nan", "abc"])
+def test_lbe_bench_rejects_bad_times_naming_the_flag(capsys, flag, value):
+    from lbe_ops.bench import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args([flag, value])
+    assert f"argument {flag}:" in capsys.readouterr().err
+
+
 def test_lbe_bench_quick_writes_json_table_and_chart(tmp_path):
     out = tmp_path / "bench"
     # -m runs the same main() as the lbe-bench console script; from tmp_path, so the lbe_ops
