@@ -11,9 +11,17 @@ For an A/B of two checkouts, run the same command with each on PYTHONPATH, alter
 times each. `case` prints one line "<case> <mode> <variant>: <ms> ms/call"; `train` prints the
 plain and the LBE step times (interleaved rounds of the two, lbe_ops.bench.time_interleaved) and
 the overhead in percent.
+
+`after` shows why lbe-bench times each variant in its own steady state: it runs the variants of
+a case (with the copy lbe-bench uses as its floor) or of the training step in shuffled rounds
+with no untimed call, and prints each variant's median time after each other one:
+
+    python scripts/time_loop.py after large --seconds 20
+    python scripts/time_loop.py after train --seconds 40
 """
 
 import argparse
+import statistics
 import sys
 import time
 
@@ -43,8 +51,50 @@ def time_train(variant, layers, seconds):
            variant: bench.build_train_step(layers=layers, lbe=variant)}
     for fn in fns.values():
         fn()  # trace outside the timing
-    times = bench.time_interleaved(fns, min_time=seconds)
+    times = bench.time_interleaved(fns, min_time=seconds, **bench._TRAIN_TIMING)
     return times["plain"]["median"], times[variant]["median"]
+
+
+def time_by_predecessor(fns, seconds, round_time):
+    """{name: {predecessor: median seconds per call}} over shuffled rounds of one function each
+    (k calls lasting about round_time), with no untimed call: what ran just before is kept."""
+    k = {}
+    for name, fn in fns.items():
+        bench._block(fn())
+        t0 = time.perf_counter()
+        bench._block(fn())
+        k[name] = max(1, int(round_time / max(time.perf_counter() - t0, 1e-6)))
+    samples = {name: {} for name in fns}
+    orders = bench.round_orders(list(fns))
+    previous, start, rounds = None, time.perf_counter(), 0
+    while rounds < 2 or time.perf_counter() - start < seconds:  # two: a predecessor for each
+        rounds += 1
+        for name in next(orders):
+            t0 = time.perf_counter()
+            for _ in range(k[name]):
+                out = fns[name]()
+            bench._block(out)
+            if previous is not None:
+                samples[name].setdefault(previous, []).append((time.perf_counter() - t0) / k[name])
+            previous = name
+    return {name: {p: statistics.median(v) for p, v in sorted(by.items())}
+            for name, by in samples.items()}
+
+
+def after(what, seconds, layers=500):
+    if what == "train":
+        fns = {v: bench.build_train_step(layers=layers, lbe=lbe) for v, lbe in
+               (("plain", "none"), ("op", "op"), ("graph", "graph"), ("fan-in", "fan-in"))}
+        round_time = 0.0  # one step per round
+    else:
+        case = bench.all_cases()[what]
+        inp = bench.make_input(case, "float32")
+        fns = {v: (lambda f=bench.build_function(case, "fwdbwd", v): f(inp))
+               for v in bench.VARIANTS + ("harness",)}
+        fns["copy"] = bench._copy_function(case.elements * 4)
+        round_time = 0.02
+    for name, by in time_by_predecessor(fns, seconds, round_time).items():
+        print(f"{name:8s} " + "  ".join(f"after {p}: {t * 1e3:.3f} ms" for p, t in by.items()))
 
 
 def main(argv=None):
@@ -60,8 +110,16 @@ def main(argv=None):
     t.add_argument("--variant", choices=("op", "graph", "fan-in", "op-forward"), default="op")
     t.add_argument("--layers", type=int, default=500)
     t.add_argument("--seconds", type=float, default=8.0)
+    a = sub.add_parser("after", help="each variant's time after each other one")
+    a.add_argument("name", help="an lbe-bench case (e.g. large), or train")
+    a.add_argument("--seconds", type=float, default=20.0)
+    a.add_argument("--layers", type=int, default=500, help="depth of the training step")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.what == "case":
+    if args.what == "after":
+        if args.name != "train" and args.name not in bench.all_cases():
+            raise SystemExit(f"time_loop.py: unknown case {args.name!r}")
+        after(args.name, args.seconds, args.layers)
+    elif args.what == "case":
         seconds = time_case(args.name, args.mode, args.variant, args.dtype, args.seconds)
         print(f"{args.name} {args.mode} {args.variant}: {seconds * 1e3:.3f} ms/call")
     else:

@@ -118,6 +118,15 @@ def test_time_loop_script_prints_its_timings(tmp_path):
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     assert re.fullmatch(r"plain \d+\.\d\d ms, op \d+\.\d\d ms, overhead -?\d+\.\d %\n",
                         train.stdout)
+    for what, variants in (("tiny", ("op", "graph", "xla", "harness", "copy")),
+                           ("train", ("plain", "op", "graph", "fan-in"))):
+        proc = subprocess.run(
+            [sys.executable, str(TIME_LOOP), "after", what, "--seconds", "0.5", "--layers", "3"],
+            cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        lines = proc.stdout.splitlines()
+        assert [line.split()[0] for line in lines] == list(variants), proc.stdout
+        assert all(re.search(r"after \S+: \d+\.\d{3} ms", line) for line in lines), proc.stdout
     unknown = subprocess.run(
         [sys.executable, str(TIME_LOOP), "case", "no-such-case"],
         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
