@@ -235,9 +235,10 @@ def _block(outputs):
 def round_orders(names, seed=0):
     """The order of the functions in each round: a fresh permutation per round (seeded, so
     repeatable). What ran just before a function changes its time on a VM (caches, the idle
-    second vCPU after single-threaded work): every variant ran 11-40 % slower right after
-    np.copyto than after the others (benchmarks/RESULTS.md). A fixed order put the op after the
-    copy in every round; permuted, each function follows each other one about equally often."""
+    second vCPU after single-threaded work): every variant ran slower right after np.copyto than
+    after any other, the op by 15-35 % (benchmarks/RESULTS.md). A fixed order put the op after
+    the copy in every round; permuted, each function follows each other one about equally
+    often."""
     rng = random.Random(seed)
     while True:
         order = list(names)
