@@ -99,6 +99,11 @@ def tabulate(results):
 
 def _run_seeds(seeds, passthrough, out, jobs):
     env = dict(os.environ)
+    # `python -m lbe_ops.train` would put the working directory first on sys.path: run from a
+    # clone's root, it imported the source tree, which has no compiled op, and every seed fell
+    # back to the pure-TensorFlow path. PYTHONSAFEPATH (Python 3.11) leaves it off, so the runs
+    # import the installed package (PYTHONPATH still counts).
+    env["PYTHONSAFEPATH"] = "1"
     if jobs > 1:  # one core per run: N runs of 1 thread, not N runs fighting over all cores
         env.setdefault("TF_NUM_INTRAOP_THREADS", "1")
         env.setdefault("TF_NUM_INTEROP_THREADS", "1")

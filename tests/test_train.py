@@ -189,10 +189,15 @@ def test_help(capsys):
         assert option in text
 
 
-def test_sweep_script_runs_seeds_side_by_side(tmp_path, capsys):
-    """scripts/sweep_train.py (the README's multi-seed table): two tiny seeds, two at a time."""
+def test_sweep_script_runs_seeds_side_by_side(tmp_path, capsys, monkeypatch):
+    """scripts/sweep_train.py (the README's multi-seed table): two tiny seeds, two at a time. Run
+    from the repository root, as the README does, without the suite's PYTHONSAFEPATH: the seeds
+    must still use the installed package's compiled op, not the source tree's fallback."""
     pytest.importorskip("sklearn")
     import importlib.util
+
+    monkeypatch.delenv("PYTHONSAFEPATH", raising=False)
+    monkeypatch.chdir(os.path.join(os.path.dirname(__file__), os.pardir))
 
     path = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "sweep_train.py")
     spec = importlib.util.spec_from_file_location("sweep_train", path)
@@ -207,6 +212,7 @@ def test_sweep_script_runs_seeds_side_by_side(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seeds"] == [0, 1]
     assert summary["config"]["depth"] == 2 and "seed" not in summary["config"]
+    assert summary["config"]["backend"] == "op", summary["config"]
     for name in ("lbe", "baseline"):
         final = summary["summary"][name]["final_test_accuracy"]
         assert 0.0 <= final["min"] <= final["mean"] <= final["max"] <= 1.0
