@@ -246,6 +246,15 @@ def round_orders(names, seed=0):
         yield order
 
 
+def calls_per_round(fn, round_time):
+    """Warms fn up, then times one call: how many calls fill round_time (1 to 1000)."""
+    _block(fn())
+    t0 = time.perf_counter()
+    _block(fn())
+    dt = max(time.perf_counter() - t0, 1e-6)
+    return max(1, min(1000, int(round_time / dt)))
+
+
 def time_interleaved(fns, min_time=1.0, min_rounds=7, max_rounds=60, round_time=0.02):
     """Median seconds per call of each function, measured in interleaved rounds, each round in
     a new order (round_orders).
@@ -253,13 +262,7 @@ def time_interleaved(fns, min_time=1.0, min_rounds=7, max_rounds=60, round_time=
     Returns {name: {"median": s, "min": s, "p25": s, "p75": s, "rounds": n, "calls": k}}.
     """
     names = list(fns)
-    inner = {}
-    for name in names:  # warm-up, and calls per round from one timed call
-        _block(fns[name]())
-        t0 = time.perf_counter()
-        _block(fns[name]())
-        dt = max(time.perf_counter() - t0, 1e-6)
-        inner[name] = max(1, min(1000, int(round_time / dt)))
+    inner = {name: calls_per_round(fns[name], round_time) for name in names}
     samples = {name: [] for name in names}
     start = time.perf_counter()
     rounds = 0
@@ -719,17 +722,19 @@ def run_train(layers, width, batch, min_time, with_xla, log, quick=False):
     log(f"  training step: {layers} layers of width {width}, batch {batch}: tracing ...")
     times = time_interleaved(fns, min_time=min_time,
                              **(_QUICK_TIMING if quick else _TRAIN_TIMING))
-    plain = times["plain"]["median"]
+
+    def overhead(variant, plain="plain"):
+        return 100 * (times[variant]["median"] / times[plain]["median"] - 1)
+
     out = {
         "layers": layers, "width": width, "batch": batch, "times": times,
-        "overhead_op_percent": 100 * (times["op"]["median"] / plain - 1),
-        "overhead_graph_percent": 100 * (times["graph"]["median"] / plain - 1),
-        "overhead_fan_in_percent": 100 * (times["fan-in"]["median"] / plain - 1),
-        "overhead_op_forward_percent": 100 * (times["op-forward"]["median"] / plain - 1),
+        "overhead_op_percent": overhead("op"),
+        "overhead_graph_percent": overhead("graph"),
+        "overhead_fan_in_percent": overhead("fan-in"),
+        "overhead_op_forward_percent": overhead("op-forward"),
     }
     if with_xla:
-        out["overhead_xla_percent"] = 100 * (times["xla"]["median"] /
-                                             times["plain_xla"]["median"] - 1)
+        out["overhead_xla_percent"] = overhead("xla", plain="plain_xla")
     log(f"  {format_train_summary(out)}")
     return out
 

@@ -58,12 +58,7 @@ def time_train(variant, layers, seconds):
 def time_by_predecessor(fns, seconds, round_time):
     """{name: {predecessor: median seconds per call}} over shuffled rounds of one function each
     (k calls lasting about round_time), with no untimed call: what ran just before is kept."""
-    k = {}
-    for name, fn in fns.items():
-        bench._block(fn())
-        t0 = time.perf_counter()
-        bench._block(fn())
-        k[name] = max(1, int(round_time / max(time.perf_counter() - t0, 1e-6)))
+    k = {name: bench.calls_per_round(fn, round_time) for name, fn in fns.items()}
     samples = {name: {} for name in fns}
     orders = bench.round_orders(list(fns))
     previous, start, rounds = None, time.perf_counter(), 0
