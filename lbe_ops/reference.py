@@ -16,6 +16,11 @@ from lbe_ops import _validation
 PI_E = math.pi * math.e
 
 
+def entropy_from_variance(variance):
+    """Per-unit batch entropy 0.5 * ln(pi * e * variance + 1), in the variance's dtype."""
+    return 0.5 * tf.math.log1p(tf.constant(PI_E, variance.dtype) * variance)
+
+
 def _flatten(x):
     """[B, d1, ...] -> [B, U] in the accumulator dtype."""
     acc = _validation.accumulator_dtype(x.dtype)
@@ -52,7 +57,7 @@ def moments(x, ddof=1, name="x", entropy_dtype=None):
     centered = flat - mean
     denom = tf.cast(batch - ddof, acc)
     variance = tf.reduce_sum(tf.square(centered), axis=0) / denom
-    unit_entropy = 0.5 * tf.math.log1p(tf.constant(PI_E, acc) * variance)
+    unit_entropy = entropy_from_variance(variance)
     entropy = tf.reduce_mean(unit_entropy)
     return tf.cast(entropy, entropy_dtype or x.dtype), mean, variance
 

@@ -55,16 +55,25 @@ def float64_loss(x, y, weights, additive, replicas):
     return total
 
 
+def parameters(model):
+    """kernel, bias, alpha of each hidden layer, then the head's kernel and bias (float64)."""
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    values = []
+    for layer in dense[:-1]:
+        values += [layer.kernel, layer.bias, layer.activity_regularizer.alpha]
+    values += [dense[-1].kernel, dense[-1].bias]
+    return [np.asarray(keras.ops.convert_to_numpy(v), np.float64) for v in values]
+
+
 def float64_step(model, x, y, additive, replicas):
-    variables = [tf.Variable(w.numpy().astype(np.float64)) for w in model.trainable_variables]
+    variables = [tf.Variable(w) for w in parameters(model)]
     with tf.GradientTape() as tape:
         loss = float64_loss(tf.constant(x, tf.float64), y, variables, additive, replicas)
     return [(v - g).numpy() for v, g in zip(variables, tape.gradient(loss, variables))]
 
 
 def max_diff(model, expected):
-    return max(float(np.abs(w.numpy() - e).max()) for w, e in zip(model.trainable_variables,
-                                                                   expected))
+    return max(float(np.abs(w - e).max()) for w, e in zip(parameters(model), expected))
 
 
 def main():
@@ -106,9 +115,9 @@ def main():
         out[f"{tag}_fit_keys"] = sorted(history.history)
         out[f"{tag}_alpha_change"] = [
             abs(float(r.alpha.numpy()) - a) for r, a in zip(cross.lbe_regularizers, alpha_before)]
-        out[f"{tag}_alpha_is_mirrored"] = all(
-            "Mirrored" in type(getattr(r.alpha, "value", r.alpha)).__name__
-            for r in cross.lbe_regularizers)
+        alphas = cross.lbe_alphas
+        out[f"{tag}_alpha_is_mirrored"] = "Mirrored" in type(
+            getattr(alphas, "value", alphas)).__name__
     print(json.dumps(out))
 
 

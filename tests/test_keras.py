@@ -20,6 +20,8 @@ import tensorflow as tf
 
 import lbe_ops
 import lbe_ops.keras as lk
+from lbe_ops.keras import _capture as lk_capture
+from lbe_ops.keras import regularizer as lk_regularizer
 from conftest import PI_E, np_entropy
 
 CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -151,9 +153,9 @@ def test_regularizer_compensates_whichever_scaling_keras_applies(rng, monkeypatc
     x = tf.constant(rng.standard_normal((6, 4)), tf.float32)
     regularizer = lk.LBERegularizer(alpha=1.0, alpha_min=0.0, beta=1.0)
     term = (np_entropy(x.numpy(), 1) - 1.0) ** 2
-    monkeypatch.setitem(lk._scaling, "divides", True)
+    monkeypatch.setitem(lk_regularizer._scaling, "divides", True)
     np.testing.assert_allclose(float(regularizer(x)), 6 * term, rtol=1e-5)
-    monkeypatch.setitem(lk._scaling, "divides", False)  # a Keras that adds the value as is
+    monkeypatch.setitem(lk_regularizer._scaling, "divides", False)  # a Keras that adds the value as is
     np.testing.assert_allclose(float(regularizer(x)), term, rtol=1e-5)
 
 
@@ -227,11 +229,20 @@ def test_one_training_step_follows_the_float64_gradient(rng, additive, backend):
     settings = [(0.3, 0.7, 1), (0.2, 1.5, 0)]
     regularizers = [lk.LBERegularizer(alpha=0.9, alpha_min=0.3, beta=0.7),
                     lk.LBERegularizer(alpha=-1.4, alpha_min=0.2, beta=1.5, ddof=0)]
-    model, _, _ = functional_mlp(regularizers, additive=additive)
+    model, hidden, head = functional_mlp(regularizers, additive=additive)
     model.compile(keras.optimizers.SGD(learning_rate=1.0), CE)
-    before = [w.numpy().astype(np.float64) for w in model.trainable_variables]
-    assert len(before) == 8  # kernel, bias, alpha per hidden layer; kernel, bias of the head
+    # The model trains kernel and bias of each layer and one vector of the two alphas.
+    assert len(model.trainable_variables) == 7
+    assert model.lbe_alphas.shape == (2,)
 
+    def parameters():  # in tf64_lbe_loss's order: kernel, bias, alpha per hidden layer; head
+        values = []
+        for layer, regularizer in zip(hidden, regularizers):
+            values += [layer.kernel.numpy(), layer.bias.numpy(), regularizer.alpha.numpy()]
+        values += [head.kernel.numpy(), head.bias.numpy()]
+        return [np.asarray(v, np.float64) for v in values]
+
+    before = parameters()
     variables = [tf.Variable(w) for w in before]
     with tf.GradientTape() as tape:
         loss = tf64_lbe_loss(tf.constant(x, tf.float64), y, variables, settings, additive)
@@ -240,10 +251,9 @@ def test_one_training_step_follows_the_float64_gradient(rng, additive, backend):
     with backend_or_skip(backend):  # the backend chosen when Keras traces the step
         logs = model.train_on_batch(x, y, return_dict=True)
     np.testing.assert_allclose(logs["loss"], float(loss), rtol=1e-5)
-    for variable, w0, grad in zip(model.trainable_variables, before, expected):
-        step = w0 - variable.numpy().astype(np.float64)
-        np.testing.assert_allclose(step, grad.numpy(), rtol=2e-4, atol=2e-6,
-                                   err_msg=variable.path)
+    for k, (w0, w1, grad) in enumerate(zip(before, parameters(), expected)):
+        np.testing.assert_allclose(w0 - w1, grad.numpy(), rtol=2e-4, atol=2e-6,
+                                   err_msg=f"parameter {k}")
     assert abs(float(expected[2])) > 1e-4 and abs(float(expected[5])) > 1e-4  # alphas moved
 
 
@@ -263,9 +273,9 @@ def test_entropies_of_all_layers_come_from_one_batch_entropies_call(rng, monkeyp
     calls = []
     original = lbe_ops.ops.batch_entropies
 
-    def counting(xs, ddof=1, dtype=None):
+    def counting(xs, ddof=1, dtype=None, **kwargs):
         calls.append(len(xs))
-        return original(xs, ddof=ddof, dtype=dtype)
+        return original(xs, ddof=ddof, dtype=dtype, **kwargs)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("per-layer batch_entropy called inside an LBEModel step")
@@ -301,7 +311,7 @@ def test_placeholder_activity_losses_are_left_out_of_the_step_graph(rng):
 
     @tf.function
     def step(x):
-        with lk._capturing() as capture:
+        with lk_capture.capturing() as capture:
             model(x)
             flags.extend(capture.is_placeholder_loss(loss) for loss in model.losses)
         return x

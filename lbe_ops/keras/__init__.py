@@ -1,0 +1,49 @@
+"""Keras 3 integration of Layerwise Batch-Entropy regularization.
+
+    import lbe_ops.keras as lbe_keras
+
+    model = lbe_keras.wrap(keras_model)                      # Sequential or Functional
+    model = lbe_keras.LBEModel(inputs, outputs)              # Functional
+    class Net(lbe_keras.LBEModel): ...                       # subclassed
+    keras.layers.Dense(64, activity_regularizer=lbe_keras.LBERegularizer())
+
+How it fits together (one module per concern):
+
+- regularizer: LBERegularizer, the per-layer part: the hyperparameters (alpha_min, beta, ddof)
+  and the learnable target alpha. Keras calls it on its layer's output.
+- _capture: inside an LBEModel step the regularizers only record the outputs (and return zero,
+  so Keras's own activity-loss bookkeeping adds nothing); at inference they compute nothing.
+- _loss: the entropies of all recorded outputs from one lbe_ops.batch_entropies call, and the
+  penalties as vectors; batches too small for a variance are masked out.
+- alphas: the model's alpha vector (one variable for all layers: one optimizer update, one
+  read per step) and the discovery of regularized layers.
+- model: LBEModel, the paper's loss `task + task * lbe` (or `task + lbe`), logs and per-layer
+  statistics, export without LBE terms.
+- wrap: an LBEModel over an existing Sequential or Functional model.
+- callbacks: LayerEntropyLogger (History and TensorBoard).
+
+Outside an LBEModel (a plain keras.Model) the regularizer returns the additive term
+`beta * (H - max(alpha_min, |alpha|))^2`, pre-multiplied by the batch size on Keras versions that
+divide activity-regularizer values by it (3.14+; detected at run time).
+
+Saving: the alpha vector is a weight of the LBEModel (saved and restored by .keras and
+.weights.h5); a checkpoint of the plain model loads into a wrapped one and leaves the alphas at
+their initial values. LBERegularizer.get_config() records the current alpha, so Sequential and
+Functional models rebuilt from their config start from the trained targets too.
+"""
+
+from lbe_ops.keras.callbacks import LayerEntropyLogger
+from lbe_ops.keras.model import LBEModel, export
+from lbe_ops.keras.regularizer import (AlphaView, LBERegularizer,
+                                       keras_divides_activity_regularization)
+from lbe_ops.keras.wrap import wrap
+
+__all__ = [
+    "LBERegularizer",
+    "LBEModel",
+    "LayerEntropyLogger",
+    "AlphaView",
+    "wrap",
+    "export",
+    "keras_divides_activity_regularization",
+]

@@ -1,0 +1,81 @@
+"""Where an LBEModel keeps its alphas: one float32 vector, one entry per regularized layer.
+
+One variable instead of one per layer: the optimizer updates all alphas with one op per step,
+the loss reads them with one op, and the regularized layers carry only their own weights (a
+plain model's checkpoint loads into a wrapped one, and `summary()` shows each layer's own
+parameters).
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from lbe_ops.keras.regularizer import LBERegularizer
+
+# Weight arguments that must never hold an LBERegularizer (it regularizes activations).
+_WEIGHT_REGULARIZER_ATTRIBUTES = (
+    "kernel_regularizer", "bias_regularizer", "depthwise_regularizer", "pointwise_regularizer",
+    "recurrent_regularizer", "embeddings_regularizer", "beta_regularizer", "gamma_regularizer")
+
+
+class AlphaStore(keras.layers.Layer):
+    """The alpha vector of one LBEModel (a Keras layer, so it is tracked, trained and saved)."""
+
+    def __init__(self, initial_values, layer_names, **kwargs):
+        kwargs.setdefault("name", "lbe_alphas")
+        super().__init__(dtype="float32", **kwargs)
+        initial_values = np.asarray(initial_values, np.float32)
+        self.layer_names = tuple(layer_names)
+        self.alphas = self.add_weight(
+            name="alphas", shape=initial_values.shape, dtype="float32", trainable=True,
+            autocast=False, initializer=keras.initializers.Constant(initial_values))
+        self.built = True
+
+    @property
+    def size(self):
+        return len(self.layer_names)
+
+    def assign_alpha(self, index, value):
+        value = tf.reshape(tf.cast(tf.convert_to_tensor(value), tf.float32), [1])
+        self.alphas.assign(tf.tensor_scatter_nd_update(
+            tf.convert_to_tensor(self.alphas), [[index]], value))
+
+    def load_own_variables(self, store):
+        # A checkpoint of the plain model (no alphas) keeps the initial values.
+        if not list(store.keys()):
+            return
+        value = np.asarray(store["0"])
+        if value.shape != (self.size,):
+            raise ValueError(
+                f"The checkpoint holds {value.size} LBE alphas, but this model regularizes "
+                f"{self.size} layers ({', '.join(self.layer_names)}).")
+        self.alphas.assign(value)
+
+    def compute_output_spec(self, *args, **kwargs):  # never called as a layer
+        raise TypeError("AlphaStore is not callable")
+
+
+def regularized_layers(model):
+    """[(layer, regularizer)] for every layer of `model` (nested models too) whose
+    activity_regularizer is an LBERegularizer. Raises on misuse: one regularizer on two layers,
+    or an LBERegularizer given as a weight regularizer."""
+    found, owners = [], {}
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        for attribute in _WEIGHT_REGULARIZER_ATTRIBUTES:
+            if isinstance(getattr(layer, attribute, None), LBERegularizer):
+                raise ValueError(
+                    f"Layer {layer.name!r} has an LBERegularizer as its {attribute}: it "
+                    "regularizes a layer's output, give it as activity_regularizer=.")
+        regularizer = getattr(layer, "activity_regularizer", None)
+        if not isinstance(regularizer, LBERegularizer):
+            continue
+        owner = owners.get(id(regularizer))
+        if owner is not None and owner is not layer:
+            raise ValueError(
+                f"The LBERegularizer {regularizer.name!r} is the activity_regularizer of both "
+                f"{owner.name!r} and {layer.name!r}; each layer needs its own (it holds that "
+                "layer's alpha).")
+        if owner is None:
+            owners[id(regularizer)] = layer
+            found.append((layer, regularizer))
+    return found
