@@ -55,12 +55,33 @@ class AlphaStore(keras.layers.Layer):
         raise TypeError("AlphaStore is not callable")
 
 
+def walk_layers(model):
+    """Every layer inside `model`, nested models followed inwards, in the order of each model's
+    `layers` (the graph order for Sequential and Functional models); each layer once."""
+    found, seen = [], set()
+
+    def visit(parent):
+        if isinstance(parent, keras.Model):
+            children = parent.layers
+        else:
+            children = parent._flatten_layers(include_self=False, recursive=False)
+        for child in children:
+            if id(child) in seen or isinstance(child, (LBERegularizer, AlphaStore)):
+                continue
+            seen.add(id(child))
+            found.append(child)
+            visit(child)
+
+    visit(model)
+    return found
+
+
 def regularized_layers(model):
     """[(layer, regularizer)] for every layer of `model` (nested models too) whose
     activity_regularizer is an LBERegularizer. Raises on misuse: one regularizer on two layers,
     or an LBERegularizer given as a weight regularizer."""
     found, owners = [], {}
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in walk_layers(model):
         for attribute in _WEIGHT_REGULARIZER_ATTRIBUTES:
             if isinstance(getattr(layer, attribute, None), LBERegularizer):
                 raise ValueError(

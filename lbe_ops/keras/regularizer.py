@@ -261,6 +261,16 @@ class LBERegularizer(keras.layers.Layer, keras.regularizers.Regularizer):
                 f"beta={self.beta}, ddof={self.ddof})")
 
 
-# keras.regularizers.get("LBERegularizer") (and activity_regularizer="LBERegularizer") look the
-# bare class name up among the custom objects.
-keras.saving.get_custom_objects().setdefault("LBERegularizer", LBERegularizer)
+def _register_short_names():
+    """keras.regularizers.get("LBERegularizer") (and activity_regularizer="LBERegularizer") look
+    the name up in Keras's table of regularizers, which has no public way to add to it."""
+    try:
+        from keras.src import regularizers as keras_regularizers
+        table = keras_regularizers.ALL_OBJECTS_DICT
+    except (ImportError, AttributeError):
+        return
+    for name in ("LBERegularizer", "lbe_regularizer"):
+        table.setdefault(name, LBERegularizer)
+
+
+_register_short_names()

@@ -64,8 +64,11 @@ def _activation_of(layer):
         consumer = _single_consumer(current)
         if consumer is None:
             return layer
-        if isinstance(consumer, _ACTIVATION_TYPES) and not _is_linear(consumer):
-            return consumer
+        if isinstance(consumer, _ACTIVATION_TYPES):
+            # Activation("linear") is no activation; ReLU, ELU, ... have no `activation`.
+            if not (isinstance(consumer, keras.layers.Activation) and _is_linear(consumer)):
+                return consumer
+            return layer
         if not isinstance(consumer, _PASS_THROUGH_TYPES):
             return layer
         current = consumer
@@ -104,7 +107,8 @@ def _model_graph(model):
 
 
 def _all_layers(model):
-    return list(model._flatten_layers(include_self=False, recursive=True))
+    from lbe_ops.keras.alphas import walk_layers
+    return walk_layers(model)
 
 
 def default_layers(model):
