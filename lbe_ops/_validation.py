@@ -7,6 +7,7 @@ TypeError. What is only known at run time (a dynamic batch size) is checked by t
 
 import numbers
 
+import numpy as np
 import tensorflow as tf
 
 SUPPORTED_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
@@ -37,8 +38,16 @@ def check_ddof(ddof):
     return int(ddof)
 
 
-def check_input(x, ddof, name="x"):
-    """Converts x to a tensor and checks what is statically known about it."""
+def check_allow_small_batch(allow_small_batch):
+    # A truthy tensor or string would silently pick a mode; only a real bool does.
+    if not isinstance(allow_small_batch, (bool, np.bool_)):
+        raise TypeError(f"allow_small_batch must be True or False, got {allow_small_batch!r}")
+    return bool(allow_small_batch)
+
+
+def check_input(x, ddof, name="x", allow_small_batch=False):
+    """Converts x to a tensor and checks what is statically known about it. A static batch
+    <= ddof is an error unless allow_small_batch."""
     x = tf.convert_to_tensor(x)
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
@@ -49,7 +58,7 @@ def check_input(x, ddof, name="x"):
             f"{name} must have rank >= 2 ([batch, units...]), got shape {x.shape}")
     if rank is not None:
         batch = x.shape[0]
-        if batch is not None and batch <= ddof:
+        if batch is not None and batch <= ddof and not allow_small_batch:
             raise ValueError(
                 f"{name} has a batch of {batch}, but batch entropy with ddof={ddof} needs a "
                 f"batch of at least {ddof + 1}")
@@ -59,10 +68,11 @@ def check_input(x, ddof, name="x"):
     return x
 
 
-def check_list(xs, ddof, name="xs"):
+def check_list(xs, ddof, name="xs", allow_small_batch=False):
     if not isinstance(xs, (list, tuple)):
         raise TypeError(f"{name} must be a list or tuple of tensors, got {type(xs).__name__}")
     xs = list(xs)
     if not xs:
         raise ValueError(f"{name} must hold at least one tensor")
-    return [check_input(x, ddof, name=f"{name}[{i}]") for i, x in enumerate(xs)]
+    return [check_input(x, ddof, name=f"{name}[{i}]", allow_small_batch=allow_small_batch)
+            for i, x in enumerate(xs)]

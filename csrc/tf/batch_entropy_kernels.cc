@@ -5,6 +5,7 @@
 #include <sys/mman.h>
 #endif
 #include <cstdint>
+#include <cstring>
 
 #include "batch_entropy_cpu.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -68,6 +69,19 @@ absl::Status Launcher<CpuDevice>::Backward(tensorflow::OpKernelContext* ctx,
     AdviseHugePages(args.dx[t], args.batch[t] * args.units[t] * lbe::DTypeSize(args.dtype));
   }
   return ToStatus(lbe::cpu::Backward(args, IntraOpParallelFor(ctx)));
+}
+
+template <>
+absl::Status Launcher<CpuDevice>::Zero(tensorflow::OpKernelContext*, void* ptr, size_t bytes) {
+  if (bytes > 0) std::memset(ptr, 0, bytes);
+  return absl::OkStatus();
+}
+
+template <>
+absl::Status Launcher<CpuDevice>::Copy(tensorflow::OpKernelContext*, void* dst, const void* src,
+                                       size_t bytes) {
+  if (bytes > 0) std::memcpy(dst, src, bytes);
+  return absl::OkStatus();
 }
 
 LBE_REGISTER_ALL_KERNELS(tensorflow::DEVICE_CPU, CpuDevice);

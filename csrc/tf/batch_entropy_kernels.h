@@ -13,17 +13,23 @@
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/types.h"
+#include "tensorflow/core/util/overflow.h"
 
 namespace lbe_tf {
 
 struct CpuDevice {};
 struct GpuDevice {};
 
-// Each device specializes this: enqueue (or run) the core on that device.
+// Each device specializes this: enqueue (or run) the core on that device. Zero and Copy work on
+// the op's device memory, in the order of the op's other work there (on the GPU, its stream);
+// with allow_small_batch they fill the outputs of tensors the core does not see.
 template <typename Device>
 struct Launcher {
   static absl::Status Forward(tensorflow::OpKernelContext* ctx, const lbe::ForwardArgs& args);
   static absl::Status Backward(tensorflow::OpKernelContext* ctx, const lbe::BackwardArgs& args);
+  static absl::Status Zero(tensorflow::OpKernelContext* ctx, void* ptr, size_t bytes);
+  static absl::Status Copy(tensorflow::OpKernelContext* ctx, void* dst, const void* src,
+                           size_t bytes);
 };
 
 template <typename T> struct CoreDType;
@@ -43,20 +49,32 @@ struct ArgName {
   }
 };
 
-// Checks one activation tensor and returns its [batch, units] view.
+// Checks one activation tensor and returns its [batch, units] view. A batch <= ddof has no
+// variance: an error, unless allow_small_batch, which marks the tensor *small instead.
 inline absl::Status CheckActivation(const tensorflow::Tensor& x, const ArgName& name,
-                                    int64_t ddof, int64_t* batch, int64_t* units) {
+                                    int64_t ddof, bool allow_small_batch, int64_t* batch,
+                                    int64_t* units, bool* small) {
   if (x.dims() < 2) {
     return tensorflow::errors::InvalidArgument(
         name.str(), " must have rank >= 2 ([batch, units...]), got shape ", x.shape().DebugString());
   }
   *batch = x.dim_size(0);
-  if (*batch <= ddof) {
+  *small = *batch <= ddof;
+  if (*small && !allow_small_batch) {
     return tensorflow::errors::InvalidArgument(
         name.str(), " has a batch of ", *batch, ", but batch entropy with ddof=", ddof,
         " needs a batch of at least ", ddof + 1, " (shape ", x.shape().DebugString(), ")");
   }
-  *units = x.NumElements() / *batch;
+  // Not NumElements() / batch: the batch may be 0, and then the other dimensions' product is not
+  // bounded by NumElements().
+  *units = 1;
+  for (int d = 1; d < x.dims(); ++d) {
+    *units = tensorflow::MultiplyWithoutOverflow(*units, x.dim_size(d));
+  }
+  if (*units < 0) {
+    return tensorflow::errors::InvalidArgument(name.str(), " has more units than int64 holds (shape ",
+                                               x.shape().DebugString(), ")");
+  }
   if (*units == 0) {
     return tensorflow::errors::InvalidArgument(name.str(), " has zero units (shape ",
                                                x.shape().DebugString(), ")");
@@ -90,30 +108,172 @@ inline absl::Status CheckOptionalStats(const tensorflow::Tensor& t, const char* 
 
 // The activations of one op: the single op's x, or the grouped op's xs, checked, with their
 // [batch, units] views. The statistics of all of them lie one after another in flat vectors of
-// total_units (for the single op that is just x's [U]).
+// total_units (for the single op that is just x's [U]). small[i]: batch <= ddof, let through by
+// allow_small_batch.
 struct Activations {
   tensorflow::OpInputList list;
   std::vector<const void*> data;
   std::vector<int64_t> batch, units;
+  std::vector<bool> small;
+  int num_small = 0;
   int64_t total_units = 0;
   int size() const { return list.size(); }
 };
 
 template <bool kGrouped>
-absl::Status GetActivations(tensorflow::OpKernelContext* ctx, int64_t ddof, Activations* a) {
+absl::Status GetActivations(tensorflow::OpKernelContext* ctx, int64_t ddof,
+                            bool allow_small_batch, Activations* a) {
   const char* name = kGrouped ? "xs" : "x";
   TF_RETURN_IF_ERROR(ctx->input_list(name, &a->list));
   const int n = a->list.size();
   a->data.resize(n);
   a->batch.resize(n);
   a->units.resize(n);
+  a->small.resize(n);
   for (int i = 0; i < n; ++i) {
+    bool small = false;
     TF_RETURN_IF_ERROR(CheckActivation(a->list[i], ArgName{name, kGrouped ? i : -1}, ddof,
-                                       &a->batch[i], &a->units[i]));
+                                       allow_small_batch, &a->batch[i], &a->units[i], &small));
+    a->small[i] = small;
+    a->num_small += small;
     a->data[i] = a->list[i].data();
     a->total_units += a->units[i];
   }
   return absl::OkStatus();
+}
+
+// Maximal runs [begin, end) of consecutive tensors that are all small or all not, in order: the
+// statistics and entropies of a run lie together, so each run takes one Zero or one Copy.
+struct Run {
+  int begin, end;
+  bool small;
+};
+
+inline std::vector<Run> SmallRuns(const Activations& a) {
+  std::vector<Run> runs;
+  for (int i = 0; i < a.size(); ++i) {
+    if (runs.empty() || runs.back().small != a.small[i]) runs.push_back({i, i, a.small[i]});
+    runs.back().end = i + 1;
+  }
+  return runs;
+}
+
+// The entries of a per-tensor descriptor array for the tensors the core is called with.
+template <typename E>
+std::vector<std::remove_cv_t<E>> Select(E* all, const std::vector<int>& kept) {
+  std::vector<std::remove_cv_t<E>> out;
+  out.reserve(kept.size());
+  for (int i : kept) out.push_back(all[i]);
+  return out;
+}
+
+inline std::vector<int> KeptTensors(const Activations& a) {
+  std::vector<int> kept;
+  for (int i = 0; i < a.size(); ++i) {
+    if (!a.small[i]) kept.push_back(i);
+  }
+  return kept;
+}
+
+template <typename Pointer>
+Pointer Advance(Pointer base, int64_t bytes) {
+  using Byte = std::conditional_t<std::is_const_v<std::remove_pointer_t<Pointer>>, const char, char>;
+  return static_cast<Byte*>(base) + bytes;
+}
+
+// The forward of a group with small tensors: their entropies and statistics are zero-filled, and
+// the core sees only the others. Its entropies come out packed (the core writes entropy[k] for
+// its k-th tensor) and are copied into place, one copy per run.
+template <typename Device, typename T, typename TStats>
+absl::Status ForwardSkippingSmall(tensorflow::OpKernelContext* ctx, const Activations& xs,
+                                  const lbe::ForwardArgs& all) {
+  const std::vector<Run> runs = SmallRuns(xs);
+  for (const Run& run : runs) {
+    if (!run.small) continue;
+    int64_t units = 0;
+    for (int i = run.begin; i < run.end; ++i) units += xs.units[i];
+    TF_RETURN_IF_ERROR(Launcher<Device>::Zero(ctx, all.mean[run.begin], units * sizeof(TStats)));
+    TF_RETURN_IF_ERROR(
+        Launcher<Device>::Zero(ctx, all.variance[run.begin], units * sizeof(TStats)));
+    TF_RETURN_IF_ERROR(Launcher<Device>::Zero(ctx, Advance(all.entropy, run.begin * sizeof(T)),
+                                              (run.end - run.begin) * sizeof(T)));
+  }
+  const std::vector<int> kept = KeptTensors(xs);
+  if (kept.empty()) return absl::OkStatus();
+  const auto x = Select(all.x, kept);
+  const auto batch = Select(all.batch, kept);
+  const auto units = Select(all.units, kept);
+  const auto mean = Select(all.mean, kept);
+  const auto variance = Select(all.variance, kept);
+  tensorflow::Tensor packed_entropy;
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DataTypeToEnum<T>::value,
+                                        tensorflow::TensorShape({static_cast<int64_t>(kept.size())}),
+                                        &packed_entropy));
+  lbe::ForwardArgs args = all;
+  args.num_tensors = static_cast<int64_t>(kept.size());
+  args.x = x.data();
+  args.batch = batch.data();
+  args.units = units.data();
+  args.mean = mean.data();
+  args.variance = variance.data();
+  args.entropy = packed_entropy.data();
+  TF_RETURN_IF_ERROR(Launcher<Device>::Forward(ctx, args));
+  int64_t packed = 0;
+  for (const Run& run : runs) {
+    if (run.small) continue;
+    TF_RETURN_IF_ERROR(Launcher<Device>::Copy(
+        ctx, Advance(all.entropy, run.begin * sizeof(T)),
+        Advance(static_cast<const void*>(packed_entropy.data()), packed * sizeof(T)),
+        (run.end - run.begin) * sizeof(T)));
+    packed += run.end - run.begin;
+  }
+  return absl::OkStatus();
+}
+
+// The gradient of a group with small tensors: their dx is zero-filled (they are constants), and
+// the core sees only the others, with their grad_entropies packed (one copy per run).
+template <typename Device, typename T>
+absl::Status BackwardSkippingSmall(tensorflow::OpKernelContext* ctx, const Activations& xs,
+                                   const lbe::BackwardArgs& all) {
+  const std::vector<Run> runs = SmallRuns(xs);
+  for (int i = 0; i < xs.size(); ++i) {
+    const int64_t bytes = xs.batch[i] * xs.units[i] * static_cast<int64_t>(sizeof(T));
+    if (xs.small[i] && bytes > 0) TF_RETURN_IF_ERROR(Launcher<Device>::Zero(ctx, all.dx[i], bytes));
+  }
+  const std::vector<int> kept = KeptTensors(xs);
+  if (kept.empty()) return absl::OkStatus();
+  tensorflow::Tensor packed_grad_entropy;
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DataTypeToEnum<T>::value,
+                                        tensorflow::TensorShape({static_cast<int64_t>(kept.size())}),
+                                        &packed_grad_entropy));
+  int64_t packed = 0;
+  for (const Run& run : runs) {
+    if (run.small) continue;
+    TF_RETURN_IF_ERROR(Launcher<Device>::Copy(
+        ctx, Advance(packed_grad_entropy.data(), packed * sizeof(T)),
+        Advance(all.grad_entropy, run.begin * sizeof(T)), (run.end - run.begin) * sizeof(T)));
+    packed += run.end - run.begin;
+  }
+  const auto x = Select(all.x, kept);
+  const auto batch = Select(all.batch, kept);
+  const auto units = Select(all.units, kept);
+  const auto mean = Select(all.mean, kept);
+  const auto variance = Select(all.variance, kept);
+  const auto grad_mean = Select(all.grad_mean, kept);
+  const auto grad_variance = Select(all.grad_variance, kept);
+  const auto dx = Select(all.dx, kept);
+  lbe::BackwardArgs args = all;
+  args.num_tensors = static_cast<int64_t>(kept.size());
+  args.x = x.data();
+  args.batch = batch.data();
+  args.units = units.data();
+  args.mean = mean.data();
+  args.variance = variance.data();
+  args.grad_entropy = packed_grad_entropy.data();
+  args.grad_mean = grad_mean.data();
+  args.grad_variance = grad_variance.data();
+  args.dx = dx.data();
+  return Launcher<Device>::Backward(ctx, args);
 }
 
 // Per-tensor pointers into a flat statistics vector (null entries where base is null: no
@@ -136,11 +296,12 @@ class BatchEntropyOp : public tensorflow::OpKernel {
  public:
   explicit BatchEntropyOp(tensorflow::OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("ddof", &ddof_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("allow_small_batch", &allow_small_batch_));
   }
 
   void Compute(tensorflow::OpKernelContext* ctx) override {
     Activations xs;
-    OP_REQUIRES_OK(ctx, GetActivations<kGrouped>(ctx, ddof_, &xs));
+    OP_REQUIRES_OK(ctx, GetActivations<kGrouped>(ctx, ddof_, allow_small_batch_, &xs));
     const int n = xs.size();
     tensorflow::Tensor *entropy = nullptr, *mean = nullptr, *variance = nullptr;
     const tensorflow::TensorShape entropy_shape =
@@ -160,11 +321,16 @@ class BatchEntropyOp : public tensorflow::OpKernel {
     args.mean = mean_ptrs.data();
     args.variance = var_ptrs.data();
     args.entropy = entropy->data();
-    OP_REQUIRES_OK(ctx, Launcher<Device>::Forward(ctx, args));
+    if (xs.num_small > 0) {
+      OP_REQUIRES_OK(ctx, (ForwardSkippingSmall<Device, T, TStats>(ctx, xs, args)));
+    } else {
+      OP_REQUIRES_OK(ctx, Launcher<Device>::Forward(ctx, args));
+    }
   }
 
  private:
   int64_t ddof_;
+  bool allow_small_batch_;
 };
 
 template <typename Device, typename T, typename TStats, bool kGrouped>
@@ -172,11 +338,12 @@ class BatchEntropyGradOp : public tensorflow::OpKernel {
  public:
   explicit BatchEntropyGradOp(tensorflow::OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("ddof", &ddof_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("allow_small_batch", &allow_small_batch_));
   }
 
   void Compute(tensorflow::OpKernelContext* ctx) override {
     Activations xs;
-    OP_REQUIRES_OK(ctx, GetActivations<kGrouped>(ctx, ddof_, &xs));
+    OP_REQUIRES_OK(ctx, GetActivations<kGrouped>(ctx, ddof_, allow_small_batch_, &xs));
     const int n = xs.size();
     const char* const mean_name = kGrouped ? "means" : "mean";
     const char* const variance_name = kGrouped ? "variances" : "variance";
@@ -227,7 +394,11 @@ class BatchEntropyGradOp : public tensorflow::OpKernel {
     args.grad_mean = gmean_ptrs.data();
     args.grad_variance = gvar_ptrs.data();
     args.dx = dx_ptrs.data();
-    OP_REQUIRES_OK(ctx, Launcher<Device>::Backward(ctx, args));
+    if (xs.num_small > 0) {
+      OP_REQUIRES_OK(ctx, (BackwardSkippingSmall<Device, T>(ctx, xs, args)));
+    } else {
+      OP_REQUIRES_OK(ctx, Launcher<Device>::Backward(ctx, args));
+    }
   }
 
  private:
@@ -268,6 +439,7 @@ class BatchEntropyGradOp : public tensorflow::OpKernel {
   }
 
   int64_t ddof_;
+  bool allow_small_batch_;
 };
 
 }  // namespace lbe_tf

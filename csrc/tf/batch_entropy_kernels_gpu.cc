@@ -63,6 +63,24 @@ absl::Status Launcher<GpuDevice>::Backward(tensorflow::OpKernelContext* ctx, con
   return ToStatus(lbe::cuda::Backward(args, workspace, bytes, stream), "Lbe>BatchEntropiesGrad GPU kernel");
 }
 
+template <>
+absl::Status Launcher<GpuDevice>::Zero(tensorflow::OpKernelContext* ctx, void* ptr, size_t bytes) {
+  if (bytes == 0) return absl::OkStatus();
+  cudaStream_t stream = nullptr;
+  TF_RETURN_IF_ERROR(StreamOf(ctx, &stream));
+  return ToStatus(cudaMemsetAsync(ptr, 0, bytes, stream), "Lbe>* GPU kernel: zero-filling an output");
+}
+
+template <>
+absl::Status Launcher<GpuDevice>::Copy(tensorflow::OpKernelContext* ctx, void* dst, const void* src,
+                                       size_t bytes) {
+  if (bytes == 0) return absl::OkStatus();
+  cudaStream_t stream = nullptr;
+  TF_RETURN_IF_ERROR(StreamOf(ctx, &stream));
+  return ToStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream),
+                  "Lbe>* GPU kernel: copying entropies");
+}
+
 LBE_REGISTER_ALL_KERNELS(tensorflow::DEVICE_GPU, GpuDevice);
 
 }  // namespace lbe_tf

@@ -11,6 +11,12 @@
 // at [U_0 + ... + U_{i-1}, ... + U_i): two outputs and four gradient inputs in all, instead of two
 // and four per tensor (for a group of 500 small layers, the executor's per-tensor work on 1,000
 // outputs and 2,000 gradient inputs cost more than the kernels).
+//
+// A batch B <= ddof has no variance: an InvalidArgument error naming the tensor, unless
+// allow_small_batch is true. Then such a tensor is "small" and treated as a constant: entropy,
+// mean and variance 0 (all units), dx 0; the group's other tensors are computed as usual. This is
+// for the last batch of an epoch (1 sample) and for the empty per-replica batches of a
+// distribution strategy (0 samples), where a training step must not fail or produce NaN.
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -116,11 +122,13 @@ REGISTER_OP("Lbe>BatchEntropy")
     .Attr("T: {half, bfloat16, float, double}")
     .Attr("Tstats: {float, double} = DT_FLOAT")
     .Attr("ddof: int >= 0 = 1")
+    .Attr("allow_small_batch: bool = false")
     .SetShapeFn(lbe_tf::ForwardShape<false>)
     .Doc(R"doc(
 Batch entropy of x viewed as [B, U]: mean over units of 0.5 * ln(pi * e * var + 1), with the
 per-unit variance over the batch (ddof delta degrees of freedom). Also returns the per-unit mean
-and variance in Tstats (float64 for float64 inputs, else float32).
+and variance in Tstats (float64 for float64 inputs, else float32). A batch <= ddof is an error,
+unless allow_small_batch: then entropy, mean and variance are 0.
 )doc");
 
 REGISTER_OP("Lbe>BatchEntropyGrad")
@@ -134,8 +142,12 @@ REGISTER_OP("Lbe>BatchEntropyGrad")
     .Attr("T: {half, bfloat16, float, double}")
     .Attr("Tstats: {float, double} = DT_FLOAT")
     .Attr("ddof: int >= 0 = 1")
+    .Attr("allow_small_batch: bool = false")
     .SetShapeFn(lbe_tf::GradShape<false>)
-    .Doc("Gradient of Lbe>BatchEntropy with respect to x, in one pass over x.");
+    .Doc(R"doc(
+Gradient of Lbe>BatchEntropy with respect to x, in one pass over x. With allow_small_batch, a
+batch <= ddof gets dx = 0.
+)doc");
 
 REGISTER_OP("Lbe>BatchEntropies")
     .Input("xs: N * T")
@@ -146,10 +158,13 @@ REGISTER_OP("Lbe>BatchEntropies")
     .Attr("T: {half, bfloat16, float, double}")
     .Attr("Tstats: {float, double} = DT_FLOAT")
     .Attr("ddof: int >= 0 = 1")
+    .Attr("allow_small_batch: bool = false")
     .SetShapeFn(lbe_tf::ForwardShape<true>)
     .Doc(R"doc(
 Lbe>BatchEntropy of each of N tensors (shapes may differ) in one op. means and variances hold the
-per-unit statistics of all tensors one after another (tensor 0's units first).
+per-unit statistics of all tensors one after another (tensor 0's units first). With
+allow_small_batch, a tensor whose batch is <= ddof gets entropy, mean and variance 0 instead of an
+error; the others are computed as usual.
 )doc");
 
 REGISTER_OP("Lbe>BatchEntropiesGrad")
@@ -164,5 +179,9 @@ REGISTER_OP("Lbe>BatchEntropiesGrad")
     .Attr("T: {half, bfloat16, float, double}")
     .Attr("Tstats: {float, double} = DT_FLOAT")
     .Attr("ddof: int >= 0 = 1")
+    .Attr("allow_small_batch: bool = false")
     .SetShapeFn(lbe_tf::GradShape<true>)
-    .Doc("Gradient of Lbe>BatchEntropies with respect to each of the N tensors.");
+    .Doc(R"doc(
+Gradient of Lbe>BatchEntropies with respect to each of the N tensors. With allow_small_batch, a
+tensor whose batch is <= ddof gets dx = 0.
+)doc");
