@@ -5,6 +5,7 @@ TensorFlow initialises). Prints one JSON line with what the test checks.
 """
 
 import json
+import warnings
 import math
 import os
 import sys
@@ -118,6 +119,24 @@ def main():
         alphas = cross.lbe_alphas
         out[f"{tag}_alpha_is_mirrored"] = "Mirrored" in type(
             getattr(alphas, "value", alphas)).__name__
+    # Uneven last batches: 65 samples leave a global batch of one (one replica gets nothing),
+    # 66 leave one sample per replica.
+    for samples in (65, 66):
+        for cross_replica in (False, True):
+            with strategy.scope():
+                model = build(cross_replica=cross_replica)
+            xs = np.concatenate([x, x, x])[:samples]
+            ys = np.concatenate([y, y, y])[:samples]
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                history = model.fit(xs, ys, batch_size=64, epochs=2, verbose=0, shuffle=False)
+                logs = model.evaluate(xs, ys, batch_size=64, verbose=0, return_dict=True)
+            out[f"uneven_{samples}_{cross_replica}"] = {
+                "finite": bool(all(np.isfinite(history.history["loss"]))
+                               and all(np.isfinite(list(logs.values())))
+                               and all(np.all(np.isfinite(w)) for w in model.get_weights())),
+                "warned": sum("too few for a batch variance" in str(w.message) for w in caught),
+            }
     print(json.dumps(out))
 
 

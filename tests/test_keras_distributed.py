@@ -63,3 +63,15 @@ def test_one_training_step_follows_the_float64_gradient(run, form):
     assert run[f"{form}_cross_step_error"] < 2e-6
     assert run[f"{form}_local_step_error"] < 2e-6
     assert run[f"{form}_local_vs_global"] > 1e-3  # the two options really differ
+
+
+@pytest.mark.parametrize("samples", [65, 66])
+@pytest.mark.parametrize("cross_replica", [False, True])
+def test_uneven_last_batches_train_without_error_or_nan(run, samples, cross_replica):
+    # 65 samples: the last global batch has one sample, so one replica gets none; 66: one each.
+    result = run[f"uneven_{samples}_{cross_replica}"]
+    assert result["finite"]
+    # A replica with too few samples (local entropies), or a global batch of one (cross-replica),
+    # has no LBE term and is reported once.
+    expected = 0 if (cross_replica and samples == 66) else 1
+    assert result["warned"] == expected

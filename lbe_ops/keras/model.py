@@ -353,14 +353,15 @@ class LBEModel(keras.Model):
         self.lbe_tracker.update_state(lbe, sample_weight=batch)
         if entropies is None:
             return
-        # A batch without a variance has no entropy to report.
-        step_valid = tf.reduce_max(valid)
-        weight = step_valid if batch is None else batch * step_valid
-        self.entropy_tracker.update_state(tf.reduce_mean(entropies * valid),
-                                          sample_weight=weight)
+        # Layers whose batch had no variance have no entropy to report.
+        valid_count = tf.reduce_sum(valid)
+        entropy_mean = tf.reduce_sum(entropies * valid) / tf.maximum(valid_count, 1.0)
+        any_valid = tf.minimum(valid_count, 1.0)
+        self.entropy_tracker.update_state(
+            entropy_mean, sample_weight=any_valid if batch is None else batch * any_valid)
         self._lbe_update_layer_stats(records, entropies * valid, valid, batch, training)
         if self._lbe_stats.small_batches is not None:
-            self._lbe_stats.small_batches.update_state(1.0 - step_valid)
+            self._lbe_stats.small_batches.update_state(1.0 - tf.reduce_min(valid))
 
     @staticmethod
     def _lbe_sum_extra_loss(loss):
@@ -454,10 +455,10 @@ class LBEModel(keras.Model):
             self._lbe_warned_small = True
             ddofs = sorted({regularizer.ddof for regularizer in self.lbe_regularizers})
             warnings.warn(
-                f"LBEModel {self.name!r}: {skipped:.0f} batch(es) had at most "
-                f"{max(ddofs)} sample(s), too few for a batch variance with ddof="
-                f"{'/'.join(map(str, ddofs))}; they contributed no LBE term (the task loss "
-                "still trained on them). This warning is shown once per model.",
+                f"LBEModel {self.name!r}: {skipped:.0f} batch(es) (or replicas' parts of a "
+                f"batch) had at most {max(ddofs)} sample(s), too few for a batch variance with "
+                f"ddof={'/'.join(map(str, ddofs))}; the layers concerned contributed no LBE term "
+                "for them (the task loss still trained on them). Shown once per model.",
                 RuntimeWarning, stacklevel=3)
 
     def fit(self, *args, **kwargs):
