@@ -1,8 +1,8 @@
 """lbe-bench: times the batch-entropy op against the pure-TensorFlow composition, on this machine.
 
-    lbe-bench                       # the issue's targets, a representative set, fit() (~6-8 min)
+    lbe-bench                       # the issue's targets, a representative set, fit() (~20 min)
     lbe-bench --quick               # tiny shapes, a few repetitions: a smoke run (~30 s)
-    lbe-bench --full                # every shape in every dtype (~20 min)
+    lbe-bench --full                # every shape in every dtype (~30 min)
     lbe-bench --cases large,group-500 --dtypes float32 --fit none --out results/
     lbe-bench --fit-only --fit mlp-100x64 --fit-time 60    # only the fit() table
 
@@ -49,7 +49,9 @@ architecture with the op ("op") and with the composition ("tf"), and both compil
 mlp-100x64 and cnn-30x16 (`--fit all`, the default; mlp-10x16 in --quick); `--fit-time` seconds
 of rounds per model (default 20, at least 5 rounds), `--no-fit-xla` to leave out the XLA pair
 (left out in --quick unless --fit-xla), `--fit none` to skip the table, and `--fit-only` to run
-nothing else (no kernel cases, no training step, no chart). Each round runs one fit() epoch of
+nothing else (no kernel cases, no training step, no chart). Most of the fit() table's time is
+the first fit() of each variant (tracing; on a loaded 2-core VM 16-48 s for the 500-layer graph
+variants, and 3 minutes to XLA-compile its LBE model). Each round runs one fit() epoch of
 every variant, in a fresh seeded order; a round's step time is the median of the differences
 between consecutive on_train_batch_end times (a fit() call's first step and its start and end
 left out), the figure the median over rounds. The table gives each variant's ms per step, the
@@ -651,7 +653,7 @@ def parse_args(argv):
                         "at least 5 rounds, quick 3)")
     p.add_argument("--fit-xla", action=argparse.BooleanOptionalAction, default=None,
                    help="also time plain and LBE fit() compiled by XLA (default on, off in "
-                        "--quick)")
+                        "--quick; compiling the 500-layer LBE model takes minutes)")
     p.add_argument("--fit-only", action="store_true",
                    help="run only the fit() table: no kernel cases, no training step, no chart")
     p.add_argument("--allocator", choices=("default", "bfc"), default="default",
