@@ -8,7 +8,11 @@
 The cases, inputs and timed functions are lbe-bench's (lbe_ops/bench.py), so both tools time the
 same thing; lbe-bench adds the interleaved rounds, the copy-bandwidth floor, the training step
 and the report. Each benchmark group is one (case, dtype, mode) with the variants op, graph and
-xla side by side. LBE_BENCH_QUICK=1 keeps to tiny shapes and a 10-layer training step; with
+xla side by side. test_fit times one keras fit() epoch of mlp-100x64 (lbe_ops/bench_fit.py)
+without LBE and through wrap() with the op: one benchmark round is a whole fit() call (40 steps,
+plus fit()'s start and end), and extra_info holds that call's median step time; lbe-bench's fit
+table gives the steady-state step times. LBE_BENCH_QUICK=1 keeps to tiny shapes, a 10-layer
+training step and the fit() of a 10-layer model; with
 --benchmark-disable every function runs once, which is the smoke run tests/test_bench_smoke.py
 does. Nothing here asserts a timing: the only checks are that every variant runs and returns a
 finite entropy.
@@ -29,9 +33,11 @@ QUICK = os.environ.get("LBE_BENCH_QUICK", "") not in ("", "0")
 if QUICK:
     _CASES = [("tiny", "float32"), ("group-20", "float32")]
     _TRAIN_LAYERS = 10
+    _FIT_MODEL = "mlp-10x16"
 else:
     _CASES = [(name, dtype) for name, dtypes in bench.STANDARD_SET for dtype in dtypes]
     _TRAIN_LAYERS = 500
+    _FIT_MODEL = "mlp-100x64"
 
 pytestmark = pytest.mark.benchmark
 
@@ -73,3 +79,28 @@ def test_train_step(benchmark, lbe):
     benchmark.extra_info.update({"layers": _TRAIN_LAYERS, "lbe": lbe})
     loss = benchmark(step)
     assert np.isfinite(float(loss))
+
+
+@pytest.mark.parametrize("variant", ["plain", "op"])
+def test_fit(benchmark, variant):
+    import statistics
+
+    from lbe_ops import bench_fit
+
+    run = bench_fit.build_fit_model(_FIT_MODEL, variant)
+    run.fit()  # traces outside the timing
+    spec = run.spec
+    benchmark.group = f"fit() epoch, {spec.description}, {spec.steps} steps"
+    step_times = []
+
+    def one_epoch():
+        step_times.append(statistics.median(run.step_times()))
+        return run.last_loss
+
+    loss = benchmark.pedantic(one_epoch, rounds=1 if QUICK else 7, iterations=1)
+    benchmark.extra_info.update({
+        "model": spec.name, "variant": variant, "steps_per_epoch": spec.steps,
+        "batch": spec.batch, "step_ms_median": 1e3 * statistics.median(step_times),
+        "lbe_op_in_graph": run.lbe_op_in_graph()})
+    assert np.isfinite(loss)
+    assert run.lbe_op_in_graph() in (variant == "op", None)

@@ -1,9 +1,10 @@
 """lbe-bench: times the batch-entropy op against the pure-TensorFlow composition, on this machine.
 
-    lbe-bench                       # the issue's targets and a representative set (~3-5 min)
-    lbe-bench --quick               # tiny shapes, a few repetitions: a smoke run (~15 s)
-    lbe-bench --full                # every shape in every dtype (~15 min)
-    lbe-bench --cases large,group-500 --dtypes float32 --out results/
+    lbe-bench                       # the issue's targets, a representative set, fit() (~20 min)
+    lbe-bench --quick               # tiny shapes, a few repetitions: a smoke run (~30 s)
+    lbe-bench --full                # every shape in every dtype (~30 min)
+    lbe-bench --cases large,group-500 --dtypes float32 --fit none --out results/
+    lbe-bench --fit-only --fit mlp-100x64 --fit-time 60    # only the fit() table
 
 For every case (one tensor, or a group of tensors through one `batch_entropies` call), dtype and
 mode (`fwd`: the entropy; `fwdbwd`: the entropy and its gradient with respect to the inputs), it
@@ -40,6 +41,23 @@ their entropies: what it adds is the cost of any loss term on every layer in Ten
 forward op's share of the overhead. Steps are timed in rounds of several steps of one variant
 after an untimed one (steady state, as in a training loop): a step that follows a step of
 another variant is slower, and the variants differ in how much.
+
+The fit() table (lbe_ops/bench_fit.py) times what users run: the steady-state time per step of
+keras Model.fit() for a plain Sequential model ("plain"), lbe_ops.keras.wrap() of the same
+architecture with the op ("op") and with the composition ("tf"), and both compiled by XLA
+("plain-xla", "lbe-xla"; under XLA lbe_ops takes the composition itself). Models: mlp-500x32,
+mlp-100x64 and cnn-30x16 (`--fit all`, the default; mlp-10x16 in --quick); `--fit-time` seconds
+of rounds per model (default 20, at least 5 rounds), `--no-fit-xla` to leave out the XLA pair
+(left out in --quick unless --fit-xla), `--fit none` to skip the table, and `--fit-only` to run
+nothing else (no kernel cases, no training step, no chart). Most of the fit() table's time is
+the first fit() of each variant (tracing; on a loaded 2-core VM 16-48 s for the 500-layer graph
+variants, and 3 minutes to XLA-compile its LBE model). Each round runs one fit() epoch of
+every variant, in a fresh seeded order; a round's step time is the median of the differences
+between consecutive on_train_batch_end times (a fit() call's first step and its start and end
+left out), the figure the median over rounds. The table gives each variant's ms per step, the
+LBE overhead of op and tf over plain and of lbe-xla over plain-xla (with / without - 1) and the
+op's speed-up over the composition (tf/op). The kernel cases run in the same invocation, so the
+kernel ratios and the fit() figures come from the same machine state.
 
 Outputs (in --out, default ./lbe-bench-results): results.json (every number, the machine, the
 load, the command), results.md (the table) and results.png (speed-ups and the floor ratio).
@@ -591,6 +609,15 @@ def _non_negative_seconds(text):
     return value
 
 
+def _fit_models(text):
+    # bench_fit imports this module (round_orders), and Keras loads only when fit() runs.
+    from lbe_ops import bench_fit
+    try:
+        return bench_fit.parse_fit_models(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="lbe-bench",
@@ -618,6 +645,17 @@ def parse_args(argv):
     p.add_argument("--train-batch", type=int, default=128)
     p.add_argument("--train-xla", action="store_true",
                    help="also time the training step compiled by XLA (slow to compile)")
+    p.add_argument("--fit", type=_fit_models, default=None, metavar="MODELS",
+                   help="comma-separated fit() models, 'all' or 'none' (default all, quick "
+                        "mlp-10x16); known: mlp-500x32, mlp-100x64, cnn-30x16, mlp-10x16")
+    p.add_argument("--fit-time", type=_non_negative_seconds, default=None,
+                   help="seconds of interleaved fit() rounds per model (default 20, quick 0.1; "
+                        "at least 5 rounds, quick 3)")
+    p.add_argument("--fit-xla", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time plain and LBE fit() compiled by XLA (default on, off in "
+                        "--quick; compiling the 500-layer LBE model takes minutes)")
+    p.add_argument("--fit-only", action="store_true",
+                   help="run only the fit() table: no kernel cases, no training step, no chart")
     p.add_argument("--allocator", choices=("default", "bfc"), default="default",
                    help="TensorFlow's CPU allocator: 'default' (what users get) or 'bfc' "
                         "(TF_CPU_ALLOCATOR_USE_BFC=true: keeps freed memory, so large outputs "
@@ -754,6 +792,17 @@ def format_train_summary(train):
             f"(+{train['overhead_op_forward_percent']:.1f} %).")
 
 
+def run_fit(models, fit_time, min_rounds, with_xla, log):
+    """The fit() table's entries, one per model (lbe_ops.bench_fit)."""
+    from lbe_ops import bench_fit
+    variants = bench_fit.FIT_VARIANTS if with_xla else bench_fit.GRAPH_VARIANTS
+    entries = [bench_fit.run_fit_model(m, variants, min_time=fit_time, min_rounds=min_rounds,
+                                       log=log) for m in models]
+    return {"method": bench_fit.FIT_METHOD, "fit_time_s": fit_time, "min_rounds": min_rounds,
+            "variants": list(variants), "learning_rate": bench_fit.LEARNING_RATE,
+            "models": entries}
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.allocator == "bfc":
@@ -767,7 +816,22 @@ def main(argv=None):
     min_time = args.min_time if args.min_time is not None else (0.1 if args.quick else 2.0)
     train_layers = args.train_layers if args.train_layers is not None else (
         10 if args.quick else 500)
-    cases = _select_cases(args)
+    if args.fit is not None:
+        fit_models = args.fit
+    else:
+        from lbe_ops import bench_fit
+        fit_models = ([bench_fit.QUICK_FIT_MODEL] if args.quick
+                      else list(bench_fit.STANDARD_FIT_MODELS))
+    fit_time = args.fit_time if args.fit_time is not None else (0.1 if args.quick else 20.0)
+    fit_xla = args.fit_xla if args.fit_xla is not None else not args.quick
+    if args.fit_only:
+        if args.cases or args.full:
+            raise SystemExit("lbe-bench: --fit-only runs no kernel cases; drop --cases/--full")
+        if not fit_models:
+            raise SystemExit("lbe-bench: --fit-only with --fit none leaves nothing to run")
+        cases, train_layers = [], 0
+    else:
+        cases = _select_cases(args)
 
     def log(msg):
         print(msg, flush=True)
@@ -783,8 +847,10 @@ def main(argv=None):
     log(f"lbe-bench on {machine['cpu_model']} ({machine['logical_cpus']} logical CPUs, ISA "
         f"{machine['cpu_isa']}), TensorFlow {tf.__version__}, load average {load_before}, "
         f"allocator {args.allocator}")
-    big_bw = copy_bandwidth(256 * 2**20, min_time=0.1 if args.quick else 0.5)
-    log(f"copy bandwidth (np.copyto, 256 MiB, read + write): {big_bw / 1e9:.1f} GB/s")
+    big_bw = None
+    if cases:
+        big_bw = copy_bandwidth(256 * 2**20, min_time=0.1 if args.quick else 0.5)
+        log(f"copy bandwidth (np.copyto, 256 MiB, read + write): {big_bw / 1e9:.1f} GB/s")
     results = []
     for case, dtypes in cases:
         for dtype in dtypes:
@@ -797,8 +863,11 @@ def main(argv=None):
             0.1 if args.quick else 15.0)
         train = run_train(train_layers, args.train_width, args.train_batch, train_time,
                           args.train_xla, log, quick=args.quick)
+    fit = None
+    if fit_models:
+        fit = run_fit(fit_models, fit_time, 3 if args.quick else 5, fit_xla, log)
     load_after = load_average()
-    targets = evaluate_targets(results, train)
+    targets = evaluate_targets(results, train) if not args.fit_only else []
     header, rows = table_rows(results)
     doc = {
         "version": RESULTS_VERSION,
@@ -808,36 +877,48 @@ def main(argv=None):
                          .total_seconds(), 1),
         "load_average_before": load_before, "load_average_after": load_after,
         "machine": machine,
-        "copy_bandwidth_256mib_gbps": big_bw / 1e9,
+        "copy_bandwidth_256mib_gbps": big_bw / 1e9 if big_bw else None,
         "allocator": "bfc" if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower() in
                      ("1", "true") else "default",
         "method": "median per-call time over interleaved rounds of >= 20 ms; floor = passes x "
                   "bytes / copy bandwidth, the bandwidth (read + write) of np.copyto of the same "
                   "bytes timed in the same rounds (median)",
-        "results": results, "train_step": train, "targets": targets,
+        "results": results, "train_step": train, "targets": targets, "fit": fit,
     }
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(doc, f, indent=1)
-    md = [format_table(header, rows, markdown=True)]
+    md = []
+    if results:
+        md.append(format_table(header, rows, markdown=True))
     if train:
-        md.append("\n" + format_train_summary(train))
+        md.append(format_train_summary(train))
+    if fit:
+        from lbe_ops import bench_fit
+        md.append(bench_fit.format_fit_table(fit["models"]) + "\n\n" + bench_fit.FIT_METHOD)
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
-    if not args.no_chart:
+        f.write("\n\n".join(md) + "\n")
+    if results and not args.no_chart:
         write_chart(results, train, os.path.join(args.out, "results.png"))
 
     print()
-    print(format_table(header, rows))
+    if results:
+        print(format_table(header, rows))
+        print()
     if train:
-        print(md[-1].strip())
-    print()
+        print(format_train_summary(train))
+        print()
+    if fit:
+        print(md[-1])
+        print()
     for t in targets:
         if t["value"] is None:
             status = "not run"
         else:
             status = ("met" if t["met"] else "NOT met") + f" ({t['value']:.2f})"
         print(f"target: {t['target']}: {status}")
-    print(f"\nload average before {load_before}, after {load_after}; results in {args.out}/")
+    if targets:
+        print()
+    print(f"load average before {load_before}, after {load_after}; results in {args.out}/")
     return 0
 
 

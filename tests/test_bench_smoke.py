@@ -38,7 +38,7 @@ def test_round_orders_permute_and_vary_the_predecessor():
     assert orders == list(islice(round_orders(names), 200))  # seeded: repeatable
 
 
-@pytest.mark.parametrize("flag", ["--min-time", "--train-time"])
+@pytest.mark.parametrize("flag", ["--min-time", "--train-time", "--fit-time"])
 @pytest.mark.parametrize("value", ["-1", "nan", "abc"])
 def test_lbe_bench_rejects_bad_times_naming_the_flag(capsys, flag, value):
     from lbe_ops.bench import parse_args
@@ -46,6 +46,63 @@ def test_lbe_bench_rejects_bad_times_naming_the_flag(capsys, flag, value):
     with pytest.raises(SystemExit):
         parse_args([flag, value])
     assert f"argument {flag}:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["no-such-model", "mlp-100x64,nope", ""])
+def test_lbe_bench_rejects_unknown_fit_models_naming_the_flag(capsys, value):
+    from lbe_ops.bench import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--fit", value])
+    err = capsys.readouterr().err
+    assert "argument --fit:" in err and "mlp-500x32" in err
+
+
+def test_fit_model_lists_and_table():
+    from lbe_ops import bench_fit
+
+    assert bench_fit.parse_fit_models("all") == ["mlp-500x32", "mlp-100x64", "cnn-30x16"]
+    assert bench_fit.parse_fit_models("none") == []
+    assert bench_fit.parse_fit_models("cnn-30x16, mlp-10x16,cnn-30x16") == ["cnn-30x16",
+                                                                             "mlp-10x16"]
+    times = {v: {"median": m} for v, m in (("plain", 0.010), ("op", 0.0125), ("tf", 0.020))}
+    entry = bench_fit.summarize_fit("mlp-100x64", times)
+    assert entry["overhead_op_percent"] == pytest.approx(25.0)
+    assert entry["overhead_tf_percent"] == pytest.approx(100.0)
+    assert entry["tf_over_op"] == pytest.approx(1.6)
+    assert entry["overhead_lbe_xla_percent"] is None
+    table = bench_fit.format_fit_table([entry]).splitlines()
+    assert table[0] == ("| model | plain ms | op ms | tf ms | tf/op | plain-xla ms | "
+                        "lbe-xla ms |")
+    assert table[2] == "| mlp-100x64 (batch 32) | 10.00 | 12.50 (+25 %) | 20.00 (+100 %) | " \
+                       "1.60x | - | - |"
+
+
+def _check_fit_section(fit, variants):
+    """The fit section of results.json: finite times for every variant, the overheads as
+    defined, the op in the op variant's train function and in no other."""
+    import math
+
+    assert fit["variants"] == list(variants) and fit["models"]
+    for entry in fit["models"]:
+        times = entry["times"]
+        assert set(times) == set(variants)
+        for t in times.values():
+            assert all(math.isfinite(t[k]) and t[k] > 0 for k in ("median", "p25", "p75"))
+            assert t["p25"] <= t["median"] <= t["p75"] and t["rounds"] >= 3
+            assert t["steps_per_fit"] == entry["steps_per_epoch"] >= 2
+        plain, op, tf_ = (times[v]["median"] for v in ("plain", "op", "tf"))
+        assert entry["overhead_op_percent"] == pytest.approx(100 * (op / plain - 1))
+        assert entry["overhead_tf_percent"] == pytest.approx(100 * (tf_ / plain - 1))
+        assert entry["tf_over_op"] == pytest.approx(tf_ / op)
+        if "lbe-xla" in variants:
+            assert entry["overhead_lbe_xla_percent"] == pytest.approx(
+                100 * (times["lbe-xla"]["median"] / times["plain-xla"]["median"] - 1))
+        else:
+            assert entry["overhead_lbe_xla_percent"] is None
+        # None would mean Keras' trainer changed so that the graph cannot be read any more.
+        assert entry["lbe_op_in_graph"] == {v: v == "op" for v in variants}
+        assert all(math.isfinite(loss) for loss in entry["last_loss"].values())
 
 
 def test_lbe_bench_quick_writes_json_table_and_chart(tmp_path):
@@ -81,11 +138,35 @@ def test_lbe_bench_quick_writes_json_table_and_chart(tmp_path):
     assert train["overhead_op_forward_percent"] == pytest.approx(
         100 * (train["times"]["op-forward"]["median"] / train["times"]["plain"]["median"] - 1))
     assert all(t["value"] is None or isinstance(t["met"], bool) for t in doc["targets"])
+    assert not any("fit" in t["target"] for t in doc["targets"])
+    fit = doc["fit"]  # --quick: the tiny model, without the XLA pair
+    assert [m["model"] for m in fit["models"]] == ["mlp-10x16"]
+    _check_fit_section(fit, ("plain", "op", "tf"))
+    assert "| mlp-10x16 (batch 16) |" in proc.stdout
 
     table = (out / "results.md").read_text()
     assert table.startswith("| case |") and "group-20" in table
+    assert "| model | plain ms | op ms | tf ms | tf/op |" in table
     png = (out / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_lbe_bench_fit_only_with_xla(tmp_path):
+    """--fit-only: the fit table alone (no kernel cases, training step, targets or chart), here
+    with the XLA pair, whose first fit() compiles."""
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lbe_ops.bench", "--quick", "--fit-only", "--fit-xla",
+         "--out", str(out)],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "target:" not in proc.stdout and "NOT met" not in proc.stdout
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["results"] == [] and doc["train_step"] is None and doc["targets"] == []
+    _check_fit_section(doc["fit"], ("plain", "op", "tf", "plain-xla", "lbe-xla"))
+    table = (out / "results.md").read_text()
+    assert table.startswith("| model | plain ms |") and "| mlp-10x16 (batch 16) |" in table
+    assert not (out / "results.png").exists()
 
 
 @pytest.mark.skipif(not SUITE.exists(), reason="benchmarks/ is not part of this checkout")
