@@ -72,8 +72,8 @@ inline absl::Status CheckActivation(const tensorflow::Tensor& x, const ArgName& 
     *units = tensorflow::MultiplyWithoutOverflow(*units, x.dim_size(d));
   }
   if (*units < 0) {
-    return tensorflow::errors::InvalidArgument(name.str(), " has more units than int64 holds (shape ",
-                                               x.shape().DebugString(), ")");
+    return tensorflow::errors::InvalidArgument(
+        name.str(), " has more units than int64 holds (shape ", x.shape().DebugString(), ")");
   }
   if (*units == 0) {
     return tensorflow::errors::InvalidArgument(name.str(), " has zero units (shape ",
@@ -206,9 +206,9 @@ absl::Status ForwardSkippingSmall(tensorflow::OpKernelContext* ctx, const Activa
   const auto mean = Select(all.mean, kept);
   const auto variance = Select(all.variance, kept);
   tensorflow::Tensor packed_entropy;
-  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DataTypeToEnum<T>::value,
-                                        tensorflow::TensorShape({static_cast<int64_t>(kept.size())}),
-                                        &packed_entropy));
+  const tensorflow::TensorShape packed_shape({static_cast<int64_t>(kept.size())});
+  TF_RETURN_IF_ERROR(
+      ctx->allocate_temp(tensorflow::DataTypeToEnum<T>::value, packed_shape, &packed_entropy));
   lbe::ForwardArgs args = all;
   args.num_tensors = static_cast<int64_t>(kept.size());
   args.x = x.data();
@@ -243,8 +243,8 @@ absl::Status BackwardSkippingSmall(tensorflow::OpKernelContext* ctx, const Activ
   const std::vector<int> kept = KeptTensors(xs);
   if (kept.empty()) return absl::OkStatus();
   tensorflow::Tensor packed_grad_entropy;
-  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DataTypeToEnum<T>::value,
-                                        tensorflow::TensorShape({static_cast<int64_t>(kept.size())}),
+  const tensorflow::TensorShape packed_shape({static_cast<int64_t>(kept.size())});
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DataTypeToEnum<T>::value, packed_shape,
                                         &packed_grad_entropy));
   int64_t packed = 0;
   for (const Run& run : runs) {
