@@ -89,7 +89,7 @@ def _entropies_from_variances(variances, units, dtype):
     """Entropies from the ops' flat float32 variances (tensor i's `units[i]` values one after
     another), for results wider than a half input: the vector is never rounded to 8 or 11 bits.
     Gradients flow through the variance output."""
-    unit_entropy = 0.5 * tf.math.log1p(reference.PI_E * variances)
+    unit_entropy = reference.entropy_from_variance(variances)
     if all(isinstance(u, int) for u in units):
         segment_ids = tf.constant(np.repeat(np.arange(len(units), dtype=np.int32), units))
     else:
