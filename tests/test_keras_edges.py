@@ -64,7 +64,9 @@ def test_a_batch_of_one_contributes_the_task_loss_alone(rng):
     x, y = data(rng, 1)
     model = lk.wrap(mlp())
     model.compile(keras.optimizers.SGD(0.1), CE)
-    logs = model.test_on_batch(x, y, return_dict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logs = model.test_on_batch(x, y, return_dict=True)
     task = float(CE(y, model.predict(x, verbose=0)))
     np.testing.assert_allclose(logs["loss"], task, rtol=1e-5)
     np.testing.assert_allclose(logs["task_loss"], task, rtol=1e-5)
@@ -225,12 +227,33 @@ def test_wrap_regularizes_the_activation_layer_after_a_linear_layer(rng):
     outputs = keras.layers.Dense(3, name="head")(keras.layers.Dropout(0.1)(h))
     model = lk.wrap(keras.Model(inputs, outputs))
     assert regularized_names(model) == ["relu1", "act2", "d3", "d4"]
-    chosen = lk.wrap(keras.Model(inputs, outputs), layers=["d1"])  # layers= is taken as given
-    assert "d1" in regularized_names(chosen)
     x, y = data(rng, 32)
     model.compile(keras.optimizers.SGD(0.05), CE)
     model.fit(x, y, epochs=1, verbose=0)
     assert min(model.layer_entropies().values()) >= 0
+    plain = mlp()
+    chosen = lk.wrap(plain, layers=[plain.layers[0].name])  # layers= is taken as given
+    assert regularized_names(chosen) == [plain.layers[0].name]
+
+
+def test_wrapping_the_same_layers_twice_shares_and_trains_their_alphas(rng):
+    base = mlp()
+    first = lk.wrap(base, alpha=1.5)
+    second = lk.wrap(base, layers=base.layers[:3] + [base.layers[3]], alpha=2.5)
+    # The three hidden layers keep their regularizers (and alphas in first's vector); the head,
+    # chosen explicitly, gets a new one in second's own vector.
+    assert second.lbe_alphas.shape == (1,) and first.lbe_alphas.shape == (3,)
+    assert sum(v is first.lbe_alphas for v in second.trainable_variables) == 1
+    x, y = data(rng, 32)
+    for model in (first, second):
+        model.compile(keras.optimizers.SGD(0.5), CE)
+        before = [v.numpy().copy() for v in (first.lbe_alphas, second.lbe_alphas)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "gradients do not exist" for any alpha
+            model.fit(x, y, epochs=1, verbose=0)
+        moved = [np.any(v.numpy() != b) for v, b in zip((first.lbe_alphas, second.lbe_alphas),
+                                                        before)]
+        assert moved == ([True, False] if model is first else [True, True])
 
 
 # ---- misuse ----------------------------------------------------------------------------------

@@ -21,9 +21,10 @@ _WEIGHT_REGULARIZER_ATTRIBUTES = (
 class AlphaStore(keras.layers.Layer):
     """The alpha vector of one LBEModel (a Keras layer, so it is tracked, trained and saved)."""
 
-    def __init__(self, initial_values, layer_names, **kwargs):
+    def __init__(self, initial_values, layer_names, owner_id=None, **kwargs):
         kwargs.setdefault("name", "lbe_alphas")
         super().__init__(dtype="float32", **kwargs)
+        self.owner_id = owner_id  # id() of the LBEModel that made it
         initial_values = np.asarray(initial_values, np.float32)
         self.layer_names = tuple(layer_names)
         self.alphas = self.add_weight(

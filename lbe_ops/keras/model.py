@@ -196,7 +196,7 @@ class LBEModel(keras.Model):
         self._lbe_warned_empty = False
         self._lbe_warned_small = False
         self._lbe_stats = _StepStats()
-        self._lbe_store = None
+        self._lbe_stores = []
         self.task_loss_tracker = keras.metrics.Mean(name="task_loss")
         self.lbe_tracker = keras.metrics.Mean(name="lbe")
         self.entropy_tracker = keras.metrics.Mean(name="entropy_mean")
@@ -222,43 +222,58 @@ class LBEModel(keras.Model):
 
     @property
     def lbe_alphas(self):
-        """The variable holding the alphas of the regularized layers (None if there are none),
-        in the order of `lbe_regularizers` at construction."""
-        return None if self._lbe_store is None else self._lbe_store.alphas
+        """The variable holding the alphas of this model's regularized layers, in layer order
+        (None if it has none). Layers shared with an LBEModel made earlier (say, by wrapping the
+        same model twice) keep their alphas in that model's vector, which this model trains too.
+        """
+        own = [store for store in self._lbe_stores if store.owner_id == id(self)]
+        return own[0].alphas if own else None
 
     def _lbe_collect_alphas(self):
         """Moves the alphas of the model's regularizers into one vector held by the model."""
         pairs = regularized_layers(self)
-        if not pairs:
-            return
-        values = [float(np.asarray(regularizer.alpha)) for _, regularizer in pairs]
-        names = _unique_names([layer.name for layer, _ in pairs])
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(tf.init_scope())
-            if not tf.distribute.has_strategy():
-                stack.enter_context(self.distribute_strategy.scope())
-            store = AlphaStore(values, names)
+        stores = []
+        for _, regularizer in pairs:
+            view = regularizer._alpha_view
+            if view is not None and all(view.store is not s for s in stores):
+                stores.append(view.store)
+        new = [(layer, regularizer) for layer, regularizer in pairs
+               if regularizer._alpha_view is None]
+        if new:
+            values = [float(np.asarray(regularizer.alpha)) for _, regularizer in new]
+            names = _unique_names([layer.name for layer, _ in new])
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(tf.init_scope())
+                if not tf.distribute.has_strategy():
+                    stack.enter_context(self.distribute_strategy.scope())
+                store = AlphaStore(values, names, owner_id=id(self))
+            for index, (_, regularizer) in enumerate(new):
+                regularizer._hand_alpha_to(store, index)
+            stores.insert(0, store)
         tracker = getattr(self, "_tracker", None)
         locked = bool(tracker is not None and tracker.locked)
         if locked:
             tracker.unlock()
         try:
-            self._lbe_store = store
+            self._lbe_stores = stores
         finally:
             if locked:
                 tracker.lock()
-        for index, (_, regularizer) in enumerate(pairs):
-            regularizer._hand_alpha_to(store, index)
 
     def _lbe_alpha_vector(self, regularizers):
         """The alphas of the recorded regularizers as one float32 vector: one read of the
         model's variable (and a gather if the records are a subset or reordered)."""
-        store = self._lbe_store
+        stores = list(self._lbe_stores)
         views = [regularizer._alpha_view for regularizer in regularizers]
-        if store is not None and all(v is not None and v.store is store for v in views):
-            alphas = tf.convert_to_tensor(store.alphas)
-            indices = [v.index for v in views]
-            if indices != list(range(store.size)):
+        offsets, total = {}, 0
+        for store in stores:
+            offsets[id(store)] = total
+            total += store.size
+        if all(v is not None and id(v.store) in offsets for v in views):
+            reads = [tf.convert_to_tensor(store.alphas) for store in stores]
+            alphas = reads[0] if len(reads) == 1 else tf.concat(reads, 0)
+            indices = [offsets[id(v.store)] + v.index for v in views]
+            if indices != list(range(total)):
                 alphas = tf.gather(alphas, indices)
             return alphas
         # Regularizers the model does not hold (e.g. layers created after construction).
