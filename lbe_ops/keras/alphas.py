@@ -6,6 +6,8 @@ plain model's checkpoint loads into a wrapped one, and `summary()` shows each la
 parameters).
 """
 
+import contextlib
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -54,6 +56,20 @@ class AlphaStore(keras.layers.Layer):
 
     def compute_output_spec(self, *args, **kwargs):  # never called as a layer
         raise TypeError("AlphaStore is not callable")
+
+
+@contextlib.contextmanager
+def unlocked(layer):
+    """Lets attributes be set on a built layer or model, whose Keras tracker is locked."""
+    tracker = getattr(layer, "_tracker", None)
+    locked = bool(tracker is not None and tracker.locked)
+    if locked:
+        tracker.unlock()
+    try:
+        yield layer
+    finally:
+        if locked:
+            tracker.lock()
 
 
 def walk_layers(model):

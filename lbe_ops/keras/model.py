@@ -13,7 +13,7 @@ from keras.src.models.functional import Functional
 
 import lbe_ops
 from lbe_ops.keras import _capture, _loss
-from lbe_ops.keras.alphas import AlphaStore, regularized_layers
+from lbe_ops.keras.alphas import AlphaStore, regularized_layers, unlocked
 from lbe_ops.keras.regularizer import PACKAGE, check_flag
 
 
@@ -250,15 +250,8 @@ class LBEModel(keras.Model):
             for index, (_, regularizer) in enumerate(new):
                 regularizer._hand_alpha_to(store, index)
             stores.insert(0, store)
-        tracker = getattr(self, "_tracker", None)
-        locked = bool(tracker is not None and tracker.locked)
-        if locked:
-            tracker.unlock()
-        try:
+        with unlocked(self):
             self._lbe_stores = stores
-        finally:
-            if locked:
-                tracker.lock()
 
     def _lbe_alpha_vector(self, regularizers):
         """The alphas of the recorded regularizers as one float32 vector: one read of the

@@ -15,6 +15,7 @@ import keras
 import tensorflow as tf
 from keras.src.models.functional import Functional
 
+from lbe_ops.keras.alphas import unlocked, walk_layers
 from lbe_ops.keras.model import LBEModel
 from lbe_ops.keras.regularizer import LBERegularizer
 
@@ -107,7 +108,6 @@ def _model_graph(model):
 
 
 def _all_layers(model):
-    from lbe_ops.keras.alphas import walk_layers
     return walk_layers(model)
 
 
@@ -154,15 +154,8 @@ def _chosen_layers(model, layers):
 
 def _attach(layer, regularizer):
     """Sets layer.activity_regularizer on a possibly built (state-locked) layer."""
-    tracker = getattr(layer, "_tracker", None)
-    locked = bool(tracker is not None and tracker.locked)
-    if locked:
-        tracker.unlock()
-    try:
+    with unlocked(layer):
         layer.activity_regularizer = regularizer
-    finally:
-        if locked:
-            tracker.lock()
 
 
 def wrap(model, layers=None, *, additive=False, cross_replica=False, name=None,
