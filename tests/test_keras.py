@@ -461,8 +461,18 @@ def read_histogram_steps(directory, tag):
         for record in tf.data.TFRecordDataset(os.path.join(directory, name)):
             event = tf.compat.v1.Event.FromString(record.numpy())
             steps += [event.step for value in event.summary.value
-                      if value.tag == tag and value.histo.num == 2]
+                      if value.tag == tag and histogram_count(value) == 2]
     return steps
+
+
+def histogram_count(value):
+    """Values in a histogram record: a classic HistogramProto (written without the tensorboard
+    package) or the histograms plugin's [buckets, 3] tensor (tf.summary.histogram)."""
+    if value.WhichOneof("value") == "histo":
+        return value.histo.num
+    if value.WhichOneof("value") == "tensor":
+        return float(tf.make_ndarray(value.tensor)[:, 2].sum())
+    return None
 
 
 def test_layer_entropy_logger_records_history_and_tensorboard(rng, tmp_path):
