@@ -297,11 +297,19 @@ def time_interleaved(fns, min_time=1.0, min_rounds=7, max_rounds=60, round_time=
         rounds += 1
     result = {}
     for name in names:
-        s = sorted(samples[name])
-        q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0]] * 3
-        result[name] = {"median": statistics.median(s), "min": s[0], "p25": q[0], "p75": q[2],
+        s = samples[name]
+        p25, p75 = quartiles(s)
+        result[name] = {"median": statistics.median(s), "min": min(s), "p25": p25, "p75": p75,
                         "rounds": len(s), "calls": inner[name]}
     return result
+
+
+def quartiles(values):
+    """(p25, p75) of the values (both the value itself for a single one)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(sorted(values), n=4)
+    return q[0], q[2]
 
 
 def page_faults_per_call(fn, calls=5):

@@ -38,7 +38,7 @@ import time
 
 import numpy as np
 
-from lbe_ops.bench import _fmt_ms, _fmt_ratio, round_orders
+from lbe_ops.bench import _fmt_ms, _fmt_ratio, quartiles, round_orders
 
 FIT_VARIANTS = ("plain", "op", "tf", "plain-xla", "lbe-xla")
 GRAPH_VARIANTS = ("plain", "op", "tf")
@@ -262,14 +262,6 @@ def step_timer():
     return _STEP_TIMER_CLASS()
 
 
-def _quartiles(values):
-    s = sorted(values)
-    if len(s) < 2:
-        return s[0], s[0]
-    q = statistics.quantiles(s, n=4)
-    return q[0], q[2]
-
-
 def time_fit(runs, min_time=20.0, min_rounds=5, max_rounds=500, seed=0, log=None):
     """Steady-state seconds per fit() step of each FitRun, in interleaved rounds.
 
@@ -303,7 +295,7 @@ def time_fit(runs, min_time=20.0, min_rounds=5, max_rounds=500, seed=0, log=None
     result = {}
     for name in names:
         s = samples[name]
-        p25, p75 = _quartiles(s)
+        p25, p75 = quartiles(s)
         result[name] = {"median": statistics.median(s), "p25": p25, "p75": p75, "min": min(s),
                         "max": max(s), "rounds": len(s), "steps_per_fit": steps[name],
                         "per_round": s, "warmup_s": warmup[name]}

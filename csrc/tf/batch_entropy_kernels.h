@@ -175,6 +175,7 @@ inline std::vector<int> KeptTensors(const Activations& a) {
   return kept;
 }
 
+// base + bytes, for void* and const void* alike.
 template <typename Pointer>
 Pointer Advance(Pointer base, int64_t bytes) {
   using Byte = std::conditional_t<std::is_const_v<std::remove_pointer_t<Pointer>>, const char, char>;
@@ -280,12 +281,11 @@ absl::Status BackwardSkippingSmall(tensorflow::OpKernelContext* ctx, const Activ
 // gradient). Pointer is void* for outputs, const void* for inputs.
 template <typename Pointer>
 std::vector<Pointer> SplitStats(Pointer base, const Activations& a, int64_t stats_size) {
-  using Byte = std::conditional_t<std::is_const_v<std::remove_pointer_t<Pointer>>, const char, char>;
   std::vector<Pointer> out(a.size(), nullptr);
   if (base == nullptr) return out;
   int64_t offset = 0;
   for (int i = 0; i < a.size(); ++i) {
-    out[i] = static_cast<Byte*>(base) + offset * stats_size;
+    out[i] = Advance(base, offset * stats_size);
     offset += a.units[i];
   }
   return out;
