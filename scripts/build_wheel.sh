@@ -115,6 +115,9 @@ def need(ok, what):
 need("lbe_ops/_lbe_ops.so" in names, "lbe_ops/_lbe_ops.so is missing")
 need(any(re.fullmatch(r"lbe_ops/_core\..*\.so", n) for n in names), "lbe_ops/_core*.so is missing")
 need(not any("libtensorflow" in n for n in names), "a TensorFlow library was grafted into the wheel")
+for package in ("lbe_ops", "lbe_ops.bench", "lbe_ops.keras"):  # [tool.setuptools] packages
+    init = package.replace(".", "/") + "/__init__.py"
+    need(init in names, f"the package {package} is missing ({init})")
 built = info.get("built_with_tf") or ""
 need(re.fullmatch(r"\d+\.\d+\.\d+.*", built), f"_build_info.json has no TensorFlow version: {info}")
 series = ".".join(built.split(".")[:2])
