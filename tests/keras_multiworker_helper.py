@@ -5,9 +5,12 @@ on 127.0.0.1; or with `--single` as one process without a strategy, which trains
 on the same global batches (the reference for cross_replica=True). Writes one JSON file (the
 path in --out) with what the test checks.
 
-    --die-after N   the worker with index 1 exits abruptly after N training steps; the other
-                    records how its training ends (the collective timeout is --timeout seconds).
-    --backup DIR    trains with keras.callbacks.BackupAndRestore(DIR/worker-<index>).
+    --die-after N   the worker with index --die-worker exits abruptly after N training steps
+                    (counted over epochs); the other records how its training ends (the
+                    collective timeout is --timeout seconds, if given).
+    --backup DIR    trains with keras.callbacks.BackupAndRestore(DIR/worker-<index>): each
+                    worker keeps its own copy (the weights are the same on all workers), so no
+                    two processes write one file.
 """
 
 import argparse
@@ -69,9 +72,11 @@ class _DieAfter(keras.callbacks.Callback):
     def __init__(self, steps):
         super().__init__()
         self.steps = steps
+        self.done = 0
 
     def on_train_batch_end(self, batch, logs=None):
-        if batch + 1 >= self.steps:
+        self.done += 1
+        if self.done >= self.steps:
             os._exit(3)  # no cleanup, no goodbye to the cluster: as a crashed machine
 
 
@@ -83,7 +88,7 @@ def train(args, strategy):
             model = build(**options)
         before = snapshot(model)
         callbacks = []
-        if args.die_after and strategy.cluster_resolver.task_id == 1:
+        if args.die_after and strategy.cluster_resolver.task_id == args.die_worker:
             callbacks.append(_DieAfter(args.die_after))
         if args.backup:
             callbacks.append(keras.callbacks.BackupAndRestore(
@@ -113,6 +118,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--runs", type=int, default=len(RUNS))
     parser.add_argument("--die-after", type=int, default=0)
+    parser.add_argument("--die-worker", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=0)
     parser.add_argument("--backup", default="")
     args = parser.parse_args()
