@@ -8,6 +8,7 @@ path in --out) with what the test checks.
     --die-after N   the worker with index --die-worker exits abruptly after N training steps
                     (counted over epochs); the other records how its training ends (the
                     collective timeout is --timeout seconds, if given).
+    --stall         that worker hangs (sleeps) instead of exiting.
     --backup DIR    trains with keras.callbacks.BackupAndRestore(DIR/worker-<index>): each
                     worker keeps its own copy (the weights are the same on all workers), so no
                     two processes write one file.
@@ -41,10 +42,10 @@ RUNS = [
 ]
 
 
-def data(seed):
+def data(seed, samples):
     rng = np.random.default_rng(seed)
-    x = (rng.standard_normal((SAMPLES, FEATURES)) * 2 + 0.5).astype(np.float32)
-    y = rng.integers(0, CLASSES, SAMPLES)
+    x = (rng.standard_normal((samples, FEATURES)) * 2 + 0.5).astype(np.float32)
+    y = rng.integers(0, CLASSES, samples)
     return x, y
 
 
@@ -69,19 +70,22 @@ def snapshot(model):
 
 
 class _DieAfter(keras.callbacks.Callback):
-    def __init__(self, steps):
+    def __init__(self, steps, stall):
         super().__init__()
         self.steps = steps
+        self.stall = stall
         self.done = 0
 
     def on_train_batch_end(self, batch, logs=None):
         self.done += 1
         if self.done >= self.steps:
+            if self.stall:  # alive (TensorFlow's threads keep sending heartbeats), but stuck
+                time.sleep(3600)
             os._exit(3)  # no cleanup, no goodbye to the cluster: as a crashed machine
 
 
 def train(args, strategy):
-    x, y = data(args.seed)
+    x, y = data(args.seed, args.samples)
     out = {}
     for name, options in RUNS[:args.runs]:
         with strategy.scope():
@@ -89,7 +93,7 @@ def train(args, strategy):
         before = snapshot(model)
         callbacks = []
         if args.die_after and strategy.cluster_resolver.task_id == args.die_worker:
-            callbacks.append(_DieAfter(args.die_after))
+            callbacks.append(_DieAfter(args.die_after, args.stall))
         if args.backup:
             callbacks.append(keras.callbacks.BackupAndRestore(
                 os.path.join(args.backup, f"worker-{strategy.cluster_resolver.task_id}")))
@@ -107,6 +111,13 @@ def train(args, strategy):
         result["evaluate"] = model.evaluate(x, y, batch_size=GLOBAL_BATCH, verbose=0,
                                             return_dict=True)
         out[name] = result
+    if args.runs == len(RUNS) and not args.single:
+        # Keras' loop over several steps per execution fails under several workers.
+        model.compile(model.optimizer, model.loss, steps_per_execution=2)
+        try:
+            model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, verbose=0)
+        except ValueError as error:
+            out["steps_per_execution_error"] = str(error)
     return out
 
 
@@ -115,10 +126,12 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--single", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples", type=int, default=SAMPLES)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--runs", type=int, default=len(RUNS))
     parser.add_argument("--die-after", type=int, default=0)
     parser.add_argument("--die-worker", type=int, default=1)
+    parser.add_argument("--stall", action="store_true")
     parser.add_argument("--timeout", type=float, default=0)
     parser.add_argument("--backup", default="")
     args = parser.parse_args()

@@ -153,6 +153,13 @@ def test_both_workers_train_the_same_weights_and_alphas(trained):
         assert np.abs(np.subtract(first["alphas"], initial["alphas"])).min() > 1e-3
 
 
+def test_several_steps_per_execution_are_refused_with_a_clear_error(trained):
+    workers, _ = trained
+    for worker in workers:
+        message = worker.get("steps_per_execution_error", "")
+        assert "steps_per_execution=2" in message and "steps_per_execution=1" in message
+
+
 @pytest.mark.parametrize("run", ["cross", "cross_additive"])
 def test_cross_replica_trains_like_one_process_on_the_global_batch(trained, run):
     workers, single = trained
@@ -207,3 +214,18 @@ def test_a_dead_worker_stops_the_other_and_training_resumes_from_the_backup(trai
         assert len(result["history"]["loss"]) == 1
         for a, b in zip(_parameters(result), _parameters(single["cross"])):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # waits for the collective timeout
+def test_a_stuck_worker_ends_the_other_at_the_collective_timeout(tmp_path):
+    # A worker that hangs while its process lives still sends heartbeats, so only the timeout
+    # of MultiWorkerMirroredStrategy's CommunicationOptions ends the other worker's fit.
+    with _processes() as start:
+        workers, outs, logs = _cluster(start, str(tmp_path), "stall", "--runs", "1",
+                                       "--die-after", "5", "--die-worker", "1", "--stall",
+                                       "--timeout", "15")
+        code = _wait_all(workers[:1])[0]
+        assert code == 0, f"worker 0 ended with {code}:\n{_tail(logs[0])}"
+        assert workers[1].poll() is None  # still stuck; killed on leaving the block
+    survivor = _load(outs[0])["cross"]
+    assert survivor.get("error", "").startswith("DeadlineExceededError"), survivor

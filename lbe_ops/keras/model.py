@@ -467,12 +467,23 @@ class LBEModel(keras.Model):
                 for name, value, count in zip(stats.names, values, counts) if count > 0}
 
     def make_train_function(self, force=False):
+        self._lbe_check_steps_per_execution()
         self._lbe_build_step_stats()
         return super().make_train_function(force=force)
 
     def make_test_function(self, force=False):
+        self._lbe_check_steps_per_execution()
         self._lbe_build_step_stats()
         return super().make_test_function(force=force)
+
+    def _lbe_check_steps_per_execution(self):
+        steps = getattr(self, "steps_per_execution", 1) or 1
+        if steps > 1 and _in_multi_worker_mode(self.distribute_strategy):
+            raise ValueError(
+                f"LBEModel {self.name!r}: steps_per_execution={steps} does not run under "
+                "MultiWorkerMirroredStrategy with several workers (Keras' loop over several "
+                "steps fails there for any model, with 'You must feed a value for placeholder "
+                "tensor'); compile with steps_per_execution=1.")
 
     def _lbe_warn_small_batches(self):
         counter = self._lbe_stats.small_batches
