@@ -505,13 +505,14 @@ class LBEModel(keras.Model):
 
         Keras (TensorFlow backend) peeks at the first batch of a distributed iterator and
         averages it over the replicas with strategy.reduce, only to learn its shapes and dtypes.
-        Under MultiWorkerMirroredStrategy that reduce is a collective that fails outside a
-        tf.function (`Attempt to convert a value (PerReplica...)`), so fit() and evaluate()
-        never start. This worker's first local replica has the same per-replica shapes and
-        dtypes, and reading it needs no collective.
+        Under MultiWorkerMirroredStrategy with several workers that reduce is a collective that
+        fails outside a tf.function (`Attempt to convert a value (PerReplica...)`), so fit()
+        and evaluate() never start. This worker's first local replica has the same per-replica
+        shapes and dtypes, and reading it needs no collective. Other strategies keep Keras'
+        way.
         """
-        if iterator is not None and data_batch is None and self._distribute_strategy is not None:
-            strategy = self.distribute_strategy
+        strategy = getattr(self, "_distribute_strategy", None)
+        if iterator is not None and data_batch is None and _in_multi_worker_mode(strategy):
             for _, _, batches in iterator:
                 data_batch = tf.nest.map_structure(
                     lambda value: (strategy.experimental_local_results(value)[0]
