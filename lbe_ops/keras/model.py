@@ -174,7 +174,8 @@ class LBEModel(keras.Model):
 
     Build it functionally, `LBEModel(inputs, outputs, additive=False, cross_replica=False)`, or
     subclass it like keras.Model. `cross_replica=True` uses, under a tf.distribute strategy, the
-    entropy of the global batch instead of each replica's.
+    entropy of the global batch instead of each replica's (across all workers under
+    MultiWorkerMirroredStrategy; docs/distributed.md).
 
     A batch of at most ddof samples (a last partial batch of one sample, an empty replica)
     contributes no LBE term; the task loss still trains on it, and fit/evaluate warn once.
