@@ -49,11 +49,6 @@ void AdviseHugePages(void* data, int64_t bytes) {
 #endif
 }
 
-absl::Status ToStatus(const std::string& error) {
-  if (error.empty()) return absl::OkStatus();
-  return tensorflow::errors::InvalidArgument(error);
-}
-
 }  // namespace
 
 template <>

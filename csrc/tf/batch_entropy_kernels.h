@@ -9,11 +9,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "batch_entropy_binding.h"
 #include "batch_entropy_common.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/types.h"
-#include "tensorflow/core/util/overflow.h"
 
 namespace lbe_tf {
 
@@ -32,54 +32,19 @@ struct Launcher {
                            size_t bytes);
 };
 
-template <typename T> struct CoreDType;
-template <> struct CoreDType<Eigen::half> { static constexpr lbe::DType value = lbe::DType::kFloat16; };
-template <> struct CoreDType<Eigen::bfloat16> { static constexpr lbe::DType value = lbe::DType::kBFloat16; };
-template <> struct CoreDType<float> { static constexpr lbe::DType value = lbe::DType::kFloat32; };
-template <> struct CoreDType<double> { static constexpr lbe::DType value = lbe::DType::kFloat64; };
+// TensorFlow's element types for the core's dtypes.
+using TfElementTypes = lbe::ElementTypes<Eigen::half, Eigen::bfloat16, float, double>;
 
-// The name of one argument in error messages: "x", or "xs[3]" in a grouped op. Spelled out only when
-// an error is reported (building the strings for every tensor of a 500-tensor group, on every
-// call, was a measurable part of the grouped ops' time).
-struct ArgName {
-  const char* base;
-  int index;  // -1: not a list element
-  std::string str() const {
-    return index < 0 ? std::string(base) : std::string(base) + "[" + std::to_string(index) + "]";
-  }
+// The binding's view of a tensor's shape for lbe::AddActivation.
+struct TfShape {
+  static int64_t Rank(const tensorflow::Tensor& t) { return t.dims(); }
+  static int64_t Dim(const tensorflow::Tensor& t, int64_t d) { return t.dim_size(d); }
+  static std::string String(const tensorflow::Tensor& t) { return t.shape().DebugString(); }
 };
 
-// Checks one activation tensor and returns its [batch, units] view. A batch <= ddof has no
-// variance: an error, unless allow_small_batch, which marks the tensor *small instead.
-inline absl::Status CheckActivation(const tensorflow::Tensor& x, const ArgName& name,
-                                    int64_t ddof, bool allow_small_batch, int64_t* batch,
-                                    int64_t* units, bool* small) {
-  if (x.dims() < 2) {
-    return tensorflow::errors::InvalidArgument(
-        name.str(), " must have rank >= 2 ([batch, units...]), got shape ", x.shape().DebugString());
-  }
-  *batch = x.dim_size(0);
-  *small = *batch <= ddof;
-  if (*small && !allow_small_batch) {
-    return tensorflow::errors::InvalidArgument(
-        name.str(), " has a batch of ", *batch, ", but batch entropy with ddof=", ddof,
-        " needs a batch of at least ", ddof + 1, " (shape ", x.shape().DebugString(), ")");
-  }
-  // Not NumElements() / batch: the batch may be 0, and then the other dimensions' product is not
-  // bounded by NumElements().
-  *units = 1;
-  for (int d = 1; d < x.dims(); ++d) {
-    *units = tensorflow::MultiplyWithoutOverflow(*units, x.dim_size(d));
-  }
-  if (*units < 0) {
-    return tensorflow::errors::InvalidArgument(
-        name.str(), " has more units than int64 holds (shape ", x.shape().DebugString(), ")");
-  }
-  if (*units == 0) {
-    return tensorflow::errors::InvalidArgument(name.str(), " has zero units (shape ",
-                                               x.shape().DebugString(), ")");
-  }
-  return absl::OkStatus();
+inline absl::Status ToStatus(const std::string& error) {
+  if (error.empty()) return absl::OkStatus();
+  return tensorflow::errors::InvalidArgument(error);
 }
 
 inline absl::Status CheckStats(const tensorflow::Tensor& t, const char* name, int64_t units) {
@@ -106,38 +71,18 @@ inline absl::Status CheckOptionalStats(const tensorflow::Tensor& t, const char* 
   return absl::OkStatus();
 }
 
-// The activations of one op: the single op's x, or the grouped op's xs, checked, with their
-// [batch, units] views. The statistics of all of them lie one after another in flat vectors of
-// total_units (for the single op that is just x's [U]). small[i]: batch <= ddof, let through by
-// allow_small_batch.
-struct Activations {
-  tensorflow::OpInputList list;
-  std::vector<const void*> data;
-  std::vector<int64_t> batch, units;
-  std::vector<bool> small;
-  int num_small = 0;
-  int64_t total_units = 0;
-  int size() const { return list.size(); }
-};
-
+// The activations of one op, the single op's x or the grouped op's xs, checked into *a (whose
+// dtype and ddof are set); *list keeps the tensors.
 template <bool kGrouped>
-absl::Status GetActivations(tensorflow::OpKernelContext* ctx, int64_t ddof,
-                            bool allow_small_batch, Activations* a) {
+absl::Status GetActivations(tensorflow::OpKernelContext* ctx, bool allow_small_batch,
+                            tensorflow::OpInputList* list, lbe::Activations* a) {
   const char* name = kGrouped ? "xs" : "x";
-  TF_RETURN_IF_ERROR(ctx->input_list(name, &a->list));
-  const int n = a->list.size();
-  a->data.resize(n);
-  a->batch.resize(n);
-  a->units.resize(n);
-  a->small.resize(n);
-  for (int i = 0; i < n; ++i) {
-    bool small = false;
-    TF_RETURN_IF_ERROR(CheckActivation(a->list[i], ArgName{name, kGrouped ? i : -1}, ddof,
-                                       allow_small_batch, &a->batch[i], &a->units[i], &small));
-    a->small[i] = small;
-    a->num_small += small;
-    a->data[i] = a->list[i].data();
-    a->total_units += a->units[i];
+  TF_RETURN_IF_ERROR(ctx->input_list(name, list));
+  a->reserve(list->size());
+  for (int i = 0; i < list->size(); ++i) {
+    const tensorflow::Tensor& x = (*list)[i];
+    TF_RETURN_IF_ERROR(ToStatus(lbe::AddActivation<TfShape>(
+        x, x.data(), lbe::ArgName{name, kGrouped ? i : -1}, allow_small_batch, a)));
   }
   return absl::OkStatus();
 }
@@ -149,7 +94,7 @@ struct Run {
   bool small;
 };
 
-inline std::vector<Run> SmallRuns(const Activations& a) {
+inline std::vector<Run> SmallRuns(const lbe::Activations& a) {
   std::vector<Run> runs;
   for (int i = 0; i < a.size(); ++i) {
     if (runs.empty() || runs.back().small != a.small[i]) runs.push_back({i, i, a.small[i]});
@@ -158,16 +103,7 @@ inline std::vector<Run> SmallRuns(const Activations& a) {
   return runs;
 }
 
-// The entries of a per-tensor descriptor array for the tensors the core is called with.
-template <typename E>
-std::vector<std::remove_cv_t<E>> Select(E* all, const std::vector<int>& kept) {
-  std::vector<std::remove_cv_t<E>> out;
-  out.reserve(kept.size());
-  for (int i : kept) out.push_back(all[i]);
-  return out;
-}
-
-inline std::vector<int> KeptTensors(const Activations& a) {
+inline std::vector<int> KeptTensors(const lbe::Activations& a) {
   std::vector<int> kept;
   for (int i = 0; i < a.size(); ++i) {
     if (!a.small[i]) kept.push_back(i);
@@ -182,107 +118,99 @@ Pointer Advance(Pointer base, int64_t bytes) {
   return static_cast<Byte*>(base) + bytes;
 }
 
-// The forward of a group with small tensors: their entropies and statistics are zero-filled, and
-// the core sees only the others. Its entropies come out packed (the core writes entropy[k] for
-// its k-th tensor) and are copied into place, one copy per run.
-template <typename Device, typename T, typename TStats>
-absl::Status ForwardSkippingSmall(tensorflow::OpKernelContext* ctx, const Activations& xs,
-                                  const lbe::ForwardArgs& all) {
-  const std::vector<Run> runs = SmallRuns(xs);
+template <typename Device>
+absl::Status Launch(tensorflow::OpKernelContext* ctx, const lbe::ForwardCall& call) {
+  return Launcher<Device>::Forward(ctx, call.Args());
+}
+
+template <typename Device>
+absl::Status Launch(tensorflow::OpKernelContext* ctx, const lbe::BackwardCall& call) {
+  return Launcher<Device>::Backward(ctx, call.Args());
+}
+
+// Zero-fills what the small tensors of a call get: entropies and statistics in the forward, dx
+// in the gradient (small tensors are constants).
+template <typename Device>
+absl::Status ZeroSmall(tensorflow::OpKernelContext* ctx, const lbe::ForwardCall& call,
+                       const std::vector<Run>& runs) {
+  const int64_t item = lbe::DTypeSize(call.in.dtype), stats_item = lbe::StatsSize(call.in.dtype);
   for (const Run& run : runs) {
     if (!run.small) continue;
     int64_t units = 0;
-    for (int i = run.begin; i < run.end; ++i) units += xs.units[i];
-    TF_RETURN_IF_ERROR(Launcher<Device>::Zero(ctx, all.mean[run.begin], units * sizeof(TStats)));
-    TF_RETURN_IF_ERROR(
-        Launcher<Device>::Zero(ctx, all.variance[run.begin], units * sizeof(TStats)));
-    TF_RETURN_IF_ERROR(Launcher<Device>::Zero(ctx, Advance(all.entropy, run.begin * sizeof(T)),
-                                              (run.end - run.begin) * sizeof(T)));
-  }
-  const std::vector<int> kept = KeptTensors(xs);
-  if (kept.empty()) return absl::OkStatus();
-  const auto x = Select(all.x, kept);
-  const auto batch = Select(all.batch, kept);
-  const auto units = Select(all.units, kept);
-  const auto mean = Select(all.mean, kept);
-  const auto variance = Select(all.variance, kept);
-  tensorflow::Tensor packed_entropy;
-  const tensorflow::TensorShape packed_shape({static_cast<int64_t>(kept.size())});
-  TF_RETURN_IF_ERROR(
-      ctx->allocate_temp(tensorflow::DataTypeToEnum<T>::value, packed_shape, &packed_entropy));
-  lbe::ForwardArgs args = all;
-  args.num_tensors = static_cast<int64_t>(kept.size());
-  args.x = x.data();
-  args.batch = batch.data();
-  args.units = units.data();
-  args.mean = mean.data();
-  args.variance = variance.data();
-  args.entropy = packed_entropy.data();
-  TF_RETURN_IF_ERROR(Launcher<Device>::Forward(ctx, args));
-  int64_t packed = 0;
-  for (const Run& run : runs) {
-    if (run.small) continue;
-    TF_RETURN_IF_ERROR(Launcher<Device>::Copy(
-        ctx, Advance(all.entropy, run.begin * sizeof(T)),
-        Advance(static_cast<const void*>(packed_entropy.data()), packed * sizeof(T)),
-        (run.end - run.begin) * sizeof(T)));
-    packed += run.end - run.begin;
+    for (int i = run.begin; i < run.end; ++i) units += call.in.units[i];
+    TF_RETURN_IF_ERROR(Launcher<Device>::Zero(ctx, call.mean[run.begin], units * stats_item));
+    TF_RETURN_IF_ERROR(Launcher<Device>::Zero(ctx, call.variance[run.begin], units * stats_item));
+    TF_RETURN_IF_ERROR(Launcher<Device>::Zero(ctx, Advance(call.entropy, run.begin * item),
+                                              (run.end - run.begin) * item));
   }
   return absl::OkStatus();
 }
 
-// The gradient of a group with small tensors: their dx is zero-filled (they are constants), and
-// the core sees only the others, with their grad_entropies packed (one copy per run).
-template <typename Device, typename T>
-absl::Status BackwardSkippingSmall(tensorflow::OpKernelContext* ctx, const Activations& xs,
-                                   const lbe::BackwardArgs& all) {
-  const std::vector<Run> runs = SmallRuns(xs);
-  for (int i = 0; i < xs.size(); ++i) {
-    const int64_t bytes = xs.batch[i] * xs.units[i] * static_cast<int64_t>(sizeof(T));
-    if (xs.small[i] && bytes > 0) TF_RETURN_IF_ERROR(Launcher<Device>::Zero(ctx, all.dx[i], bytes));
+template <typename Device>
+absl::Status ZeroSmall(tensorflow::OpKernelContext* ctx, const lbe::BackwardCall& call,
+                       const std::vector<Run>&) {
+  const int64_t item = lbe::DTypeSize(call.in.dtype);
+  for (int i = 0; i < call.in.size(); ++i) {
+    const int64_t bytes = call.in.batch[i] * call.in.units[i] * item;
+    if (call.in.small[i] && bytes > 0) TF_RETURN_IF_ERROR(Launcher<Device>::Zero(ctx, call.dx[i], bytes));
   }
-  const std::vector<int> kept = KeptTensors(xs);
+  return absl::OkStatus();
+}
+
+// Runs the core on a call, forward or gradient. With small tensors (allow_small_batch) their
+// outputs are zero-filled and the core sees only the others, with the per-tensor entropies
+// packed: the core reads grad_entropy[k] and writes entropy[k] for its k-th tensor, so the
+// gradient's grad_entropies are copied into a packed buffer before it runs and the forward's
+// entropies out of one after, one copy per run.
+template <typename Device, typename Call>
+absl::Status RunCall(tensorflow::OpKernelContext* ctx, const Call& all) {
+  if (all.in.num_small == 0) return Launch<Device>(ctx, all);
+  constexpr bool kForward = std::is_same_v<Call, lbe::ForwardCall>;
+  const std::vector<Run> runs = SmallRuns(all.in);
+  TF_RETURN_IF_ERROR(ZeroSmall<Device>(ctx, all, runs));
+  const std::vector<int> kept = KeptTensors(all.in);
   if (kept.empty()) return absl::OkStatus();
-  tensorflow::Tensor packed_grad_entropy;
-  const tensorflow::TensorShape packed_shape({static_cast<int64_t>(kept.size())});
-  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DataTypeToEnum<T>::value, packed_shape,
-                                        &packed_grad_entropy));
-  int64_t packed = 0;
-  for (const Run& run : runs) {
-    if (run.small) continue;
-    TF_RETURN_IF_ERROR(Launcher<Device>::Copy(
-        ctx, Advance(packed_grad_entropy.data(), packed * sizeof(T)),
-        Advance(all.grad_entropy, run.begin * sizeof(T)), (run.end - run.begin) * sizeof(T)));
-    packed += run.end - run.begin;
+  const int64_t item = lbe::DTypeSize(all.in.dtype);
+  tensorflow::Tensor packed;
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(
+      tensorflow::DT_INT8, tensorflow::TensorShape({static_cast<int64_t>(kept.size()) * item}), &packed));
+  // Copies each run of kept tensors' entropies between the call's vector and the packed one.
+  auto copy_runs = [&]() -> absl::Status {
+    int64_t k = 0;
+    for (const Run& run : runs) {
+      if (run.small) continue;
+      const int64_t bytes = (run.end - run.begin) * item;
+      void* packed_at = Advance(packed.data(), k * item);
+      if constexpr (kForward) {
+        TF_RETURN_IF_ERROR(Launcher<Device>::Copy(ctx, Advance(all.entropy, run.begin * item),
+                                                  packed_at, bytes));
+      } else {
+        TF_RETURN_IF_ERROR(Launcher<Device>::Copy(
+            ctx, packed_at, Advance(all.grad_entropy, run.begin * item), bytes));
+      }
+      k += run.end - run.begin;
+    }
+    return absl::OkStatus();
+  };
+  Call call = lbe::Select(all, kept);
+  if constexpr (kForward) {
+    call.entropy = packed.data();
+    TF_RETURN_IF_ERROR(Launch<Device>(ctx, call));
+    return copy_runs();
+  } else {
+    TF_RETURN_IF_ERROR(copy_runs());
+    call.grad_entropy = packed.data();
+    return Launch<Device>(ctx, call);
   }
-  const auto x = Select(all.x, kept);
-  const auto batch = Select(all.batch, kept);
-  const auto units = Select(all.units, kept);
-  const auto mean = Select(all.mean, kept);
-  const auto variance = Select(all.variance, kept);
-  const auto grad_mean = Select(all.grad_mean, kept);
-  const auto grad_variance = Select(all.grad_variance, kept);
-  const auto dx = Select(all.dx, kept);
-  lbe::BackwardArgs args = all;
-  args.num_tensors = static_cast<int64_t>(kept.size());
-  args.x = x.data();
-  args.batch = batch.data();
-  args.units = units.data();
-  args.mean = mean.data();
-  args.variance = variance.data();
-  args.grad_entropy = packed_grad_entropy.data();
-  args.grad_mean = grad_mean.data();
-  args.grad_variance = grad_variance.data();
-  args.dx = dx.data();
-  return Launcher<Device>::Backward(ctx, args);
 }
 
 // Per-tensor pointers into a flat statistics vector (null entries where base is null: no
 // gradient). Pointer is void* for outputs, const void* for inputs.
 template <typename Pointer>
-std::vector<Pointer> SplitStats(Pointer base, const Activations& a, int64_t stats_size) {
+std::vector<Pointer> SplitStats(Pointer base, const lbe::Activations& a) {
   std::vector<Pointer> out(a.size(), nullptr);
   if (base == nullptr) return out;
+  const int64_t stats_size = lbe::StatsSize(a.dtype);
   int64_t offset = 0;
   for (int i = 0; i < a.size(); ++i) {
     out[i] = Advance(base, offset * stats_size);
@@ -300,32 +228,21 @@ class BatchEntropyOp : public tensorflow::OpKernel {
   }
 
   void Compute(tensorflow::OpKernelContext* ctx) override {
-    Activations xs;
-    OP_REQUIRES_OK(ctx, GetActivations<kGrouped>(ctx, ddof_, allow_small_batch_, &xs));
-    const int n = xs.size();
+    lbe::ForwardCall call;
+    call.in.dtype = TfElementTypes::Of<T>();
+    call.in.ddof = ddof_;
+    tensorflow::OpInputList xs;
+    OP_REQUIRES_OK(ctx, GetActivations<kGrouped>(ctx, allow_small_batch_, &xs, &call.in));
     tensorflow::Tensor *entropy = nullptr, *mean = nullptr, *variance = nullptr;
     const tensorflow::TensorShape entropy_shape =
-        kGrouped ? tensorflow::TensorShape({n}) : tensorflow::TensorShape({});
+        kGrouped ? tensorflow::TensorShape({xs.size()}) : tensorflow::TensorShape({});
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, entropy_shape, &entropy));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, {xs.total_units}, &mean));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, {xs.total_units}, &variance));
-    const std::vector<void*> mean_ptrs = SplitStats<void*>(mean->data(), xs, sizeof(TStats));
-    const std::vector<void*> var_ptrs = SplitStats<void*>(variance->data(), xs, sizeof(TStats));
-    lbe::ForwardArgs args;
-    args.dtype = CoreDType<T>::value;
-    args.ddof = ddof_;
-    args.num_tensors = n;
-    args.x = xs.data.data();
-    args.batch = xs.batch.data();
-    args.units = xs.units.data();
-    args.mean = mean_ptrs.data();
-    args.variance = var_ptrs.data();
-    args.entropy = entropy->data();
-    if (xs.num_small > 0) {
-      OP_REQUIRES_OK(ctx, (ForwardSkippingSmall<Device, T, TStats>(ctx, xs, args)));
-    } else {
-      OP_REQUIRES_OK(ctx, Launcher<Device>::Forward(ctx, args));
-    }
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, {call.in.total_units}, &mean));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, {call.in.total_units}, &variance));
+    call.mean = SplitStats<void*>(mean->data(), call.in);
+    call.variance = SplitStats<void*>(variance->data(), call.in);
+    call.entropy = entropy->data();
+    OP_REQUIRES_OK(ctx, RunCall<Device>(ctx, call));
   }
 
  private:
@@ -342,8 +259,11 @@ class BatchEntropyGradOp : public tensorflow::OpKernel {
   }
 
   void Compute(tensorflow::OpKernelContext* ctx) override {
-    Activations xs;
-    OP_REQUIRES_OK(ctx, GetActivations<kGrouped>(ctx, ddof_, allow_small_batch_, &xs));
+    lbe::BackwardCall call;
+    call.in.dtype = TfElementTypes::Of<T>();
+    call.in.ddof = ddof_;
+    tensorflow::OpInputList xs;
+    OP_REQUIRES_OK(ctx, GetActivations<kGrouped>(ctx, allow_small_batch_, &xs, &call.in));
     const int n = xs.size();
     const char* const mean_name = kGrouped ? "means" : "mean";
     const char* const variance_name = kGrouped ? "variances" : "variance";
@@ -365,40 +285,21 @@ class BatchEntropyGradOp : public tensorflow::OpKernel {
                   tensorflow::errors::InvalidArgument("grad_entropy must be a scalar, got shape ",
                                                       grad_entropy->shape().DebugString()));
     }
-    OP_REQUIRES_OK(ctx, CheckStats(*mean, mean_name, xs.total_units));
-    OP_REQUIRES_OK(ctx, CheckStats(*variance, variance_name, xs.total_units));
+    const int64_t total_units = call.in.total_units;
+    OP_REQUIRES_OK(ctx, CheckStats(*mean, mean_name, total_units));
+    OP_REQUIRES_OK(ctx, CheckStats(*variance, variance_name, total_units));
     const void *grad_mean_data = nullptr, *grad_variance_data = nullptr;
-    OP_REQUIRES_OK(ctx, CheckOptionalStats(*grad_mean, grad_mean_name, xs.total_units, &grad_mean_data));
-    OP_REQUIRES_OK(ctx, CheckOptionalStats(*grad_variance, grad_variance_name, xs.total_units,
+    OP_REQUIRES_OK(ctx, CheckOptionalStats(*grad_mean, grad_mean_name, total_units, &grad_mean_data));
+    OP_REQUIRES_OK(ctx, CheckOptionalStats(*grad_variance, grad_variance_name, total_units,
                                            &grad_variance_data));
-    std::vector<void*> dx_ptrs(n);
-    OP_REQUIRES_OK(ctx, AllocateGradients(ctx, xs, &dx_ptrs));
-    const std::vector<const void*> mean_ptrs =
-        SplitStats<const void*>(mean->data(), xs, sizeof(TStats));
-    const std::vector<const void*> var_ptrs =
-        SplitStats<const void*>(variance->data(), xs, sizeof(TStats));
-    const std::vector<const void*> gmean_ptrs =
-        SplitStats<const void*>(grad_mean_data, xs, sizeof(TStats));
-    const std::vector<const void*> gvar_ptrs =
-        SplitStats<const void*>(grad_variance_data, xs, sizeof(TStats));
-    lbe::BackwardArgs args;
-    args.dtype = CoreDType<T>::value;
-    args.ddof = ddof_;
-    args.num_tensors = n;
-    args.x = xs.data.data();
-    args.batch = xs.batch.data();
-    args.units = xs.units.data();
-    args.mean = mean_ptrs.data();
-    args.variance = var_ptrs.data();
-    args.grad_entropy = grad_entropy->data();
-    args.grad_mean = gmean_ptrs.data();
-    args.grad_variance = gvar_ptrs.data();
-    args.dx = dx_ptrs.data();
-    if (xs.num_small > 0) {
-      OP_REQUIRES_OK(ctx, (BackwardSkippingSmall<Device, T>(ctx, xs, args)));
-    } else {
-      OP_REQUIRES_OK(ctx, Launcher<Device>::Backward(ctx, args));
-    }
+    call.dx.resize(n);
+    OP_REQUIRES_OK(ctx, AllocateGradients(ctx, xs, &call.dx));
+    call.mean = SplitStats<const void*>(mean->data(), call.in);
+    call.variance = SplitStats<const void*>(variance->data(), call.in);
+    call.grad_mean = SplitStats<const void*>(grad_mean_data, call.in);
+    call.grad_variance = SplitStats<const void*>(grad_variance_data, call.in);
+    call.grad_entropy = grad_entropy->data();
+    OP_REQUIRES_OK(ctx, RunCall<Device>(ctx, call));
   }
 
  private:
@@ -406,17 +307,18 @@ class BatchEntropyGradOp : public tensorflow::OpKernel {
   // free) per call instead of one per tensor, which for a group of hundreds of small layers
   // was a visible part of the op's time. Each slice starts on a boundary of TensorFlow's
   // allocator alignment, as its own allocation would, so every consumer may use aligned loads.
-  static absl::Status AllocateGradients(tensorflow::OpKernelContext* ctx, const Activations& xs,
+  static absl::Status AllocateGradients(tensorflow::OpKernelContext* ctx,
+                                        const tensorflow::OpInputList& xs,
                                         std::vector<void*>* dx_ptrs) {
     const int n = xs.size();
     if (n == 1) {
       tensorflow::Tensor* dx = nullptr;
-      TF_RETURN_IF_ERROR(ctx->allocate_output(0, xs.list[0].shape(), &dx));
+      TF_RETURN_IF_ERROR(ctx->allocate_output(0, xs[0].shape(), &dx));
       (*dx_ptrs)[0] = dx->data();
       return absl::OkStatus();
     }
     constexpr int64_t kStep = tensorflow::Allocator::kAllocatorAlignment / sizeof(T);
-    auto padded = [&](int i) { return (xs.list[i].NumElements() + kStep - 1) / kStep * kStep; };
+    auto padded = [&](int i) { return (xs[i].NumElements() + kStep - 1) / kStep * kStep; };
     int64_t total = 0;
     for (int i = 0; i < n; ++i) total += padded(i);
     tensorflow::Tensor buffer;
@@ -425,7 +327,7 @@ class BatchEntropyGradOp : public tensorflow::OpKernel {
                            &buffer));
     int64_t offset = 0;
     for (int i = 0; i < n; ++i) {
-      const tensorflow::Tensor& x = xs.list[i];
+      const tensorflow::Tensor& x = xs[i];
       tensorflow::Tensor dx;
       if (!dx.CopyFrom(buffer.Slice(offset, offset + x.NumElements()), x.shape())) {
         return tensorflow::errors::Internal("BatchEntropiesGrad: cannot view the gradient buffer "

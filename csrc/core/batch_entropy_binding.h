@@ -1,0 +1,234 @@
+// What every binding of the core (the TensorFlow ops, the pybind11 module) shares: the one switch
+// over the dtypes, the checks of the activations with their error messages, and the one place
+// that fills ForwardArgs / BackwardArgs. Framework-free; errors come back as strings, which each
+// binding turns into its own error type, so the messages are the same everywhere.
+#ifndef LBE_OPS_CORE_BATCH_ENTROPY_BINDING_H_
+#define LBE_OPS_CORE_BATCH_ENTROPY_BINDING_H_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <vector>
+
+#include "batch_entropy_common.h"
+
+namespace lbe {
+
+// ---------------------------------------------------------------------------------------------
+// dtypes
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// The element types one user of the core has for the four dtypes, in DType order. Dispatch is the
+// one switch over DType: it calls f(TypeTag<E>{}) with E the element type of `dtype`, or
+// on_unknown() for a value outside the enum.
+template <typename Half, typename BFloat16, typename Float, typename Double>
+struct ElementTypes {
+  template <typename F, typename Unknown>
+  static decltype(auto) Dispatch(DType dtype, F&& f, Unknown&& on_unknown) {
+    switch (dtype) {
+      case DType::kFloat16: return f(TypeTag<Half>{});
+      case DType::kBFloat16: return f(TypeTag<BFloat16>{});
+      case DType::kFloat32: return f(TypeTag<Float>{});
+      case DType::kFloat64: return f(TypeTag<Double>{});
+    }
+    return on_unknown();
+  }
+
+  // The DType of element type T (a compile error for any other type).
+  template <typename T>
+  static constexpr DType Of() {
+    static_assert(std::is_same_v<T, Half> || std::is_same_v<T, BFloat16> || std::is_same_v<T, Float> ||
+                      std::is_same_v<T, Double>,
+                  "not one of the core's element types");
+    return std::is_same_v<T, Half>       ? DType::kFloat16
+           : std::is_same_v<T, BFloat16> ? DType::kBFloat16
+           : std::is_same_v<T, Float>    ? DType::kFloat32
+                                         : DType::kFloat64;
+  }
+};
+
+// The dtype named `name` ("float16" or "half", "bfloat16", "float32" or "float", "float64" or
+// "double"), or nullopt.
+inline std::optional<DType> ParseDType(std::string_view name) {
+  if (name == "float16" || name == "half") return DType::kFloat16;
+  if (name == "bfloat16") return DType::kBFloat16;
+  if (name == "float32" || name == "float") return DType::kFloat32;
+  if (name == "float64" || name == "double") return DType::kFloat64;
+  return std::nullopt;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activations
+// ---------------------------------------------------------------------------------------------
+
+// The name of one argument in error messages: "x", or "xs[3]". Spelled out only when an error is
+// reported (building the strings for every tensor of a 500-tensor group, on every call, would be a
+// measurable part of the grouped ops' time).
+struct ArgName {
+  const char* base;
+  int64_t index;  // -1: not a list element
+  std::string str() const {
+    return index < 0 ? std::string(base) : std::string(base) + "[" + std::to_string(index) + "]";
+  }
+};
+
+// The activations of one call, checked, as the [batch, units] views the core takes. The
+// statistics of all of them lie one after another in flat vectors of total_units. small[i]:
+// batch <= ddof, let through by allow_small_batch (the core must not see such a tensor).
+struct Activations {
+  DType dtype = DType::kFloat32;
+  int64_t ddof = 1;
+  std::vector<const void*> x;
+  std::vector<int64_t> batch, units;
+  std::vector<bool> small;
+  int num_small = 0;
+  int64_t total_units = 0;
+
+  int size() const { return static_cast<int>(x.size()); }
+  void reserve(size_t n) {
+    x.reserve(n);
+    batch.reserve(n);
+    units.reserve(n);
+    small.reserve(n);
+  }
+};
+
+// Checks one activation tensor and appends it to *a. Shape is an adapter over the binding's
+// tensor type with
+//   static int64_t Rank(const Tensor&);
+//   static int64_t Dim(const Tensor&, int64_t d);         // d < Rank, non-negative sizes
+//   static std::string String(const Tensor&);             // the shape as the binding prints it
+// Returns "" or the error; a batch <= ddof is an error unless allow_small_batch.
+template <typename Shape, typename Tensor>
+std::string AddActivation(const Tensor& t, const void* data, const ArgName& name, bool allow_small_batch,
+                          Activations* a) {
+  const int64_t rank = Shape::Rank(t);
+  if (rank < 2) return name.str() + " must have rank >= 2 ([batch, units...]), got shape " + Shape::String(t);
+  const int64_t batch = Shape::Dim(t, 0);
+  const bool small = batch <= a->ddof;
+  if (small && !allow_small_batch) {
+    return name.str() + " has a batch of " + std::to_string(batch) + ", but batch entropy with ddof=" +
+           std::to_string(a->ddof) + " needs a batch of at least " + std::to_string(a->ddof + 1) + " (shape " +
+           Shape::String(t) + ")";
+  }
+  // The product of the other dimensions, not the element count / batch: the batch may be 0.
+  int64_t units = 1;
+  bool overflow = false;
+  for (int64_t d = 1; d < rank; ++d) overflow |= __builtin_mul_overflow(units, Shape::Dim(t, d), &units);
+  if (overflow) return name.str() + " has more units than int64 holds (shape " + Shape::String(t) + ")";
+  if (units == 0) return name.str() + " has zero units (shape " + Shape::String(t) + ")";
+  a->x.push_back(data);
+  a->batch.push_back(batch);
+  a->units.push_back(units);
+  a->small.push_back(small);
+  a->num_small += small;
+  a->total_units += units;
+  return std::string();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The core's descriptors
+// ---------------------------------------------------------------------------------------------
+
+// One call's per-tensor pointers, which the descriptor points into (so a call must outlive the
+// descriptor it hands out). Null entries of grad_mean / grad_variance: no gradient.
+struct ForwardCall {
+  Activations in;
+  std::vector<void*> mean, variance;
+  void* entropy = nullptr;  // [num_tensors], dtype
+
+  ForwardArgs Args() const {
+    ForwardArgs args;
+    args.dtype = in.dtype;
+    args.ddof = in.ddof;
+    args.num_tensors = in.size();
+    args.x = in.x.data();
+    args.batch = in.batch.data();
+    args.units = in.units.data();
+    args.mean = mean.data();
+    args.variance = variance.data();
+    args.entropy = entropy;
+    return args;
+  }
+};
+
+struct BackwardCall {
+  Activations in;
+  std::vector<const void*> mean, variance, grad_mean, grad_variance;
+  const void* grad_entropy = nullptr;  // [num_tensors], dtype
+  std::vector<void*> dx;
+
+  BackwardArgs Args() const {
+    BackwardArgs args;
+    args.dtype = in.dtype;
+    args.ddof = in.ddof;
+    args.num_tensors = in.size();
+    args.x = in.x.data();
+    args.batch = in.batch.data();
+    args.units = in.units.data();
+    args.mean = mean.data();
+    args.variance = variance.data();
+    args.grad_entropy = grad_entropy;
+    args.grad_mean = grad_mean.empty() ? nullptr : grad_mean.data();
+    args.grad_variance = grad_variance.empty() ? nullptr : grad_variance.data();
+    args.dx = dx.data();
+    return args;
+  }
+};
+
+// The entries of a per-tensor vector at the indices `kept`, in order.
+template <typename E>
+std::vector<E> Select(const std::vector<E>& all, const std::vector<int>& kept) {
+  std::vector<E> out;
+  out.reserve(kept.size());
+  for (int i : kept) out.push_back(all[i]);
+  return out;
+}
+
+inline Activations Select(const Activations& all, const std::vector<int>& kept) {
+  Activations out;
+  out.dtype = all.dtype;
+  out.ddof = all.ddof;
+  out.x = Select(all.x, kept);
+  out.batch = Select(all.batch, kept);
+  out.units = Select(all.units, kept);
+  out.small = Select(all.small, kept);
+  for (int i : kept) {
+    out.num_small += all.small[i];
+    out.total_units += all.units[i];
+  }
+  return out;
+}
+
+// The call restricted to the tensors `kept`; the per-call pointer (entropy, grad_entropy) is kept
+// as it is, for the caller to replace.
+inline ForwardCall Select(const ForwardCall& all, const std::vector<int>& kept) {
+  ForwardCall out;
+  out.in = Select(all.in, kept);
+  out.mean = Select(all.mean, kept);
+  out.variance = Select(all.variance, kept);
+  out.entropy = all.entropy;
+  return out;
+}
+
+inline BackwardCall Select(const BackwardCall& all, const std::vector<int>& kept) {
+  BackwardCall out;
+  out.in = Select(all.in, kept);
+  out.mean = Select(all.mean, kept);
+  out.variance = Select(all.variance, kept);
+  if (!all.grad_mean.empty()) out.grad_mean = Select(all.grad_mean, kept);
+  if (!all.grad_variance.empty()) out.grad_variance = Select(all.grad_variance, kept);
+  out.grad_entropy = all.grad_entropy;
+  out.dx = Select(all.dx, kept);
+  return out;
+}
+
+}  // namespace lbe
+
+#endif  // LBE_OPS_CORE_BATCH_ENTROPY_BINDING_H_
