@@ -132,9 +132,34 @@ std::string AddActivation(const Tensor& t, const void* data, const ArgName& name
   return std::string();
 }
 
+// For bindings whose tensors carry their dtype: the group's dtype is its first tensor's (name's
+// index 0); returns "" or the error for a later tensor of another dtype. Call before AddActivation.
+inline std::string CheckGroupDType(DType dtype, const ArgName& name, Activations* a) {
+  if (a->size() == 0) {
+    a->dtype = dtype;
+    return std::string();
+  }
+  if (dtype == a->dtype) return std::string();
+  return name.str() + " has dtype " + DTypeName(dtype) + " but " + ArgName{name.base, 0}.str() + " has " +
+         DTypeName(a->dtype) + "; all tensors of a group share one dtype";
+}
+
 // ---------------------------------------------------------------------------------------------
 // The core's descriptors
 // ---------------------------------------------------------------------------------------------
+
+// ForwardArgs or BackwardArgs with the activations' fields filled.
+template <typename Args>
+Args ActivationArgs(const Activations& in) {
+  Args args;
+  args.dtype = in.dtype;
+  args.ddof = in.ddof;
+  args.num_tensors = in.size();
+  args.x = in.x.data();
+  args.batch = in.batch.data();
+  args.units = in.units.data();
+  return args;
+}
 
 // One call's per-tensor pointers, which the descriptor points into (so a call must outlive the
 // descriptor it hands out). Null entries of grad_mean / grad_variance: no gradient.
@@ -144,17 +169,18 @@ struct ForwardCall {
   void* entropy = nullptr;  // [num_tensors], dtype
 
   ForwardArgs Args() const {
-    ForwardArgs args;
-    args.dtype = in.dtype;
-    args.ddof = in.ddof;
-    args.num_tensors = in.size();
-    args.x = in.x.data();
-    args.batch = in.batch.data();
-    args.units = in.units.data();
+    ForwardArgs args = ActivationArgs<ForwardArgs>(in);
     args.mean = mean.data();
     args.variance = variance.data();
     args.entropy = entropy;
     return args;
+  }
+
+  // Calls f on each vector of per-tensor pointers.
+  template <typename F>
+  void ForEachTensorPointers(F&& f) {
+    f(mean);
+    f(variance);
   }
 };
 
@@ -165,13 +191,7 @@ struct BackwardCall {
   std::vector<void*> dx;
 
   BackwardArgs Args() const {
-    BackwardArgs args;
-    args.dtype = in.dtype;
-    args.ddof = in.ddof;
-    args.num_tensors = in.size();
-    args.x = in.x.data();
-    args.batch = in.batch.data();
-    args.units = in.units.data();
+    BackwardArgs args = ActivationArgs<BackwardArgs>(in);
     args.mean = mean.data();
     args.variance = variance.data();
     args.grad_entropy = grad_entropy;
@@ -179,6 +199,16 @@ struct BackwardCall {
     args.grad_variance = grad_variance.empty() ? nullptr : grad_variance.data();
     args.dx = dx.data();
     return args;
+  }
+
+  // Calls f on each vector of per-tensor pointers (grad_mean, grad_variance may be empty: none).
+  template <typename F>
+  void ForEachTensorPointers(F&& f) {
+    f(mean);
+    f(variance);
+    f(grad_mean);
+    f(grad_variance);
+    f(dx);
   }
 };
 
@@ -208,24 +238,13 @@ inline Activations Select(const Activations& all, const std::vector<int>& kept) 
 
 // The call restricted to the tensors `kept`; the per-call pointer (entropy, grad_entropy) is kept
 // as it is, for the caller to replace.
-inline ForwardCall Select(const ForwardCall& all, const std::vector<int>& kept) {
-  ForwardCall out;
+template <typename Call>
+Call Select(const Call& all, const std::vector<int>& kept) {
+  Call out = all;
   out.in = Select(all.in, kept);
-  out.mean = Select(all.mean, kept);
-  out.variance = Select(all.variance, kept);
-  out.entropy = all.entropy;
-  return out;
-}
-
-inline BackwardCall Select(const BackwardCall& all, const std::vector<int>& kept) {
-  BackwardCall out;
-  out.in = Select(all.in, kept);
-  out.mean = Select(all.mean, kept);
-  out.variance = Select(all.variance, kept);
-  if (!all.grad_mean.empty()) out.grad_mean = Select(all.grad_mean, kept);
-  if (!all.grad_variance.empty()) out.grad_variance = Select(all.grad_variance, kept);
-  out.grad_entropy = all.grad_entropy;
-  out.dx = Select(all.dx, kept);
+  out.ForEachTensorPointers([&](auto& pointers) {
+    if (!pointers.empty()) pointers = Select(pointers, kept);
+  });
   return out;
 }
 

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "batch_entropy_binding.h"
 #include "batch_entropy_common.h"
 #include "batch_entropy_cpu.h"
 #include "batch_entropy_cuda_emulation.h"
@@ -38,36 +39,17 @@ py::object BFloat16Type() {
 }
 
 py::dtype NumpyDType(lbe::DType dtype) {
-  switch (dtype) {
-    case lbe::DType::kFloat16: return py::dtype("float16");
-    case lbe::DType::kFloat32: return py::dtype("float32");
-    case lbe::DType::kFloat64: return py::dtype("float64");
-    case lbe::DType::kBFloat16: {
-      py::object bf16 = BFloat16Type();
-      if (bf16.is_none()) throw py::type_error("bfloat16 needs the ml_dtypes package");
-      return py::dtype::from_args(bf16);
-    }
-  }
-  throw py::type_error("unknown dtype");
+  if (dtype != lbe::DType::kBFloat16) return py::dtype(lbe::DTypeName(dtype));
+  py::object bf16 = BFloat16Type();
+  if (bf16.is_none()) throw py::type_error("bfloat16 needs the ml_dtypes package");
+  return py::dtype::from_args(bf16);
 }
 
 py::dtype StatsDType(lbe::DType dtype) { return py::dtype(dtype == lbe::DType::kFloat64 ? "float64" : "float32"); }
 
+// The core's dtype of a numpy dtype (by its name: numpy never names them "half" or "double").
 std::optional<lbe::DType> CoreDType(const py::dtype& dt) {
-  const std::string name = py::str(dt.attr("name"));
-  if (name == "float16") return lbe::DType::kFloat16;
-  if (name == "float32") return lbe::DType::kFloat32;
-  if (name == "float64") return lbe::DType::kFloat64;
-  if (name == "bfloat16") return lbe::DType::kBFloat16;
-  return std::nullopt;
-}
-
-std::optional<lbe::DType> DTypeFromName(const std::string& name) {
-  if (name == "float16" || name == "half") return lbe::DType::kFloat16;
-  if (name == "bfloat16") return lbe::DType::kBFloat16;
-  if (name == "float32" || name == "float") return lbe::DType::kFloat32;
-  if (name == "float64" || name == "double") return lbe::DType::kFloat64;
-  return std::nullopt;
+  return lbe::ParseDType(std::string(py::str(dt.attr("name"))));
 }
 
 // A list or tuple of n entries (a bare array is refused: iterating it would give its rows).
@@ -93,20 +75,22 @@ std::string ShapeString(const std::vector<int64_t>& shape) {
   return s + (shape.size() == 1 ? ",)" : ")");
 }
 
-// [batch, units] of an activation of this shape, or a ValueError naming it.
-void BatchUnits(const std::vector<int64_t>& shape, const std::string& name, int64_t ddof, int64_t* batch,
-                int64_t* units) {
-  if (shape.size() < 2)
-    throw py::value_error(name + " must have rank >= 2 ([batch, units...]), got shape " + ShapeString(shape));
-  *batch = shape[0];
-  int64_t u = 1;
-  for (size_t i = 1; i < shape.size(); ++i) u *= shape[i];
-  *units = u;
-  if (*batch <= ddof)
-    throw py::value_error(name + " has a batch of " + std::to_string(*batch) + ", but batch entropy with ddof=" +
-                          std::to_string(ddof) + " needs a batch of at least " + std::to_string(ddof + 1) +
-                          " (shape " + ShapeString(shape) + ")");
-  if (u == 0) throw py::value_error(name + " has zero units (shape " + ShapeString(shape) + ")");
+// A shape as a list of sizes, for lbe::AddActivation.
+struct VectorShape {
+  static int64_t Rank(const std::vector<int64_t>& shape) { return static_cast<int64_t>(shape.size()); }
+  static int64_t Dim(const std::vector<int64_t>& shape, int64_t d) { return shape[d]; }
+  static std::string String(const std::vector<int64_t>& shape) { return ShapeString(shape); }
+};
+
+// Appends activation `name` (index i of the list `base`) to *in; a ValueError names it when the shape
+// does not fit the core, a TypeError when its dtype is not the group's.
+void AddActivation(const std::vector<int64_t>& shape, const void* data, lbe::DType dtype, const char* base,
+                   size_t i, lbe::Activations* in) {
+  const lbe::ArgName name{base, static_cast<int64_t>(i)};
+  std::string error = lbe::CheckGroupDType(dtype, name, in);
+  if (!error.empty()) throw py::type_error(error);
+  error = lbe::AddActivation<VectorShape>(shape, data, name, /*allow_small_batch=*/false, in);
+  if (!error.empty()) throw py::value_error(error);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -127,17 +111,11 @@ std::vector<int64_t> ShapeOf(const py::array& a) {
   return std::vector<int64_t>(a.shape(), a.shape() + a.ndim());
 }
 
-struct HostInputs {
-  lbe::DType dtype = lbe::DType::kFloat32;
-  std::vector<py::array> xs;
-  std::vector<int64_t> batch, units;
-  std::vector<const void*> x_ptrs;
-};
-
-HostInputs ReadHostActivations(py::handle xs_obj, int64_t ddof) {
+// Reads the activations into *in (whose ddof is set); returns the arrays, which keep the data alive.
+std::vector<py::array> ReadHostActivations(py::handle xs_obj, lbe::Activations* in) {
   py::sequence seq = CheckList(xs_obj, "xs", std::nullopt);
   if (seq.size() == 0) throw py::value_error("xs must not be empty");
-  HostInputs in;
+  std::vector<py::array> arrays;
   for (size_t i = 0; i < seq.size(); ++i) {
     const std::string name = Indexed("xs", i);
     py::array a = Contiguous(seq[i], name);
@@ -145,18 +123,10 @@ HostInputs ReadHostActivations(py::handle xs_obj, int64_t ddof) {
     if (!dt)
       throw py::type_error(name + " has dtype " + std::string(py::str(a.dtype())) +
                            "; expected float16, bfloat16, float32 or float64");
-    if (i == 0) in.dtype = *dt;
-    else if (*dt != in.dtype)
-      throw py::type_error(name + " has dtype " + std::string(py::str(a.dtype())) + " but xs[0] has " +
-                           lbe::DTypeName(in.dtype) + "; all tensors of a group share one dtype");
-    int64_t b = 0, u = 0;
-    BatchUnits(ShapeOf(a), name, ddof, &b, &u);
-    in.batch.push_back(b);
-    in.units.push_back(u);
-    in.x_ptrs.push_back(a.data());
-    in.xs.push_back(std::move(a));
+    AddActivation(ShapeOf(a), a.data(), *dt, "xs", i, in);
+    arrays.push_back(std::move(a));
   }
-  return in;
+  return arrays;
 }
 
 py::array StatsArray(py::handle obj, const std::string& name, lbe::DType dtype, int64_t units) {
@@ -168,13 +138,14 @@ py::array StatsArray(py::handle obj, const std::string& name, lbe::DType dtype, 
 }
 
 // Optional per-tensor statistics (None, or a list whose entries may be None).
-std::vector<py::array> OptionalStats(py::handle obj, const std::string& name, const HostInputs& in,
+std::vector<py::array> OptionalStats(py::handle obj, const std::string& name, const lbe::Activations& in,
                                      std::vector<const void*>* ptrs) {
   std::vector<py::array> arrays;
-  ptrs->assign(in.xs.size(), nullptr);
+  const size_t n = in.size();
+  ptrs->assign(n, nullptr);
   if (obj.is_none()) return arrays;
-  py::sequence seq = CheckList(obj, name, in.xs.size());
-  for (size_t i = 0; i < in.xs.size(); ++i) {
+  py::sequence seq = CheckList(obj, name, n);
+  for (size_t i = 0; i < n; ++i) {
     if (seq[i].is_none()) continue;
     arrays.push_back(StatsArray(seq[i], Indexed(name, i), in.dtype, in.units[i]));
     (*ptrs)[i] = arrays.back().data();
@@ -182,88 +153,69 @@ std::vector<py::array> OptionalStats(py::handle obj, const std::string& name, co
   return arrays;
 }
 
-py::tuple HostForward(py::handle xs_obj, int64_t ddof, const std::function<std::string(const lbe::ForwardArgs&)>& run) {
-  CheckDdof(ddof);
-  HostInputs in = ReadHostActivations(xs_obj, ddof);
-  const size_t n = in.xs.size();
-  py::array entropies(NumpyDType(in.dtype), std::vector<py::ssize_t>{static_cast<py::ssize_t>(n)});
-  py::list means, variances;
-  std::vector<void*> mean_ptrs(n), var_ptrs(n);
-  for (size_t i = 0; i < n; ++i) {
-    std::vector<py::ssize_t> shape(in.xs[i].shape() + 1, in.xs[i].shape() + in.xs[i].ndim());
-    py::array m(StatsDType(in.dtype), shape), v(StatsDType(in.dtype), shape);
-    mean_ptrs[i] = m.mutable_data();
-    var_ptrs[i] = v.mutable_data();
-    means.append(m);
-    variances.append(v);
-  }
-  lbe::ForwardArgs args;
-  args.dtype = in.dtype;
-  args.ddof = ddof;
-  args.num_tensors = static_cast<int64_t>(n);
-  args.x = in.x_ptrs.data();
-  args.batch = in.batch.data();
-  args.units = in.units.data();
-  args.mean = mean_ptrs.data();
-  args.variance = var_ptrs.data();
-  args.entropy = entropies.mutable_data();
+// Runs the core on the calling thread without the GIL; its error becomes a ValueError.
+template <typename Args>
+void RunWithoutGil(const std::function<std::string(const Args&)>& run, const Args& args) {
   std::string error;
   {
     py::gil_scoped_release release;
     error = run(args);
   }
   if (!error.empty()) throw py::value_error(error);
+}
+
+py::tuple HostForward(py::handle xs_obj, int64_t ddof, const std::function<std::string(const lbe::ForwardArgs&)>& run) {
+  lbe::ForwardCall call;
+  call.in.ddof = CheckDdof(ddof);
+  const std::vector<py::array> xs = ReadHostActivations(xs_obj, &call.in);
+  const size_t n = xs.size();
+  const py::dtype stats_dtype = StatsDType(call.in.dtype);
+  py::array entropies(NumpyDType(call.in.dtype), std::vector<py::ssize_t>{static_cast<py::ssize_t>(n)});
+  py::list means, variances;
+  for (size_t i = 0; i < n; ++i) {
+    std::vector<py::ssize_t> shape(xs[i].shape() + 1, xs[i].shape() + xs[i].ndim());
+    py::array m(stats_dtype, shape), v(stats_dtype, shape);
+    call.mean.push_back(m.mutable_data());
+    call.variance.push_back(v.mutable_data());
+    means.append(m);
+    variances.append(v);
+  }
+  call.entropy = entropies.mutable_data();
+  RunWithoutGil(run, call.Args());
   return py::make_tuple(entropies, means, variances);
 }
 
 py::list HostBackward(py::handle xs_obj, py::handle means_obj, py::handle vars_obj, py::handle grad_entropies_obj,
                       py::handle grad_means_obj, py::handle grad_vars_obj, int64_t ddof,
                       const std::function<std::string(const lbe::BackwardArgs&)>& run) {
-  CheckDdof(ddof);
-  HostInputs in = ReadHostActivations(xs_obj, ddof);
-  const size_t n = in.xs.size();
+  lbe::BackwardCall call;
+  call.in.ddof = CheckDdof(ddof);
+  const std::vector<py::array> xs = ReadHostActivations(xs_obj, &call.in);
+  const size_t n = xs.size();
+  const lbe::DType dtype = call.in.dtype;
   py::sequence means_seq = CheckList(means_obj, "means", n);
   py::sequence vars_seq = CheckList(vars_obj, "variances", n);
   std::vector<py::array> keep;
-  std::vector<const void*> mean_ptrs(n), var_ptrs(n), gmean_ptrs, gvar_ptrs;
   for (size_t i = 0; i < n; ++i) {
-    keep.push_back(StatsArray(means_seq[i], Indexed("means", i), in.dtype, in.units[i]));
-    mean_ptrs[i] = keep.back().data();
-    keep.push_back(StatsArray(vars_seq[i], Indexed("variances", i), in.dtype, in.units[i]));
-    var_ptrs[i] = keep.back().data();
+    keep.push_back(StatsArray(means_seq[i], Indexed("means", i), dtype, call.in.units[i]));
+    call.mean.push_back(keep.back().data());
+    keep.push_back(StatsArray(vars_seq[i], Indexed("variances", i), dtype, call.in.units[i]));
+    call.variance.push_back(keep.back().data());
   }
-  py::array grad_entropies = Contiguous(grad_entropies_obj, "grad_entropies", NumpyDType(in.dtype));
+  py::array grad_entropies = Contiguous(grad_entropies_obj, "grad_entropies", NumpyDType(dtype));
   if (grad_entropies.size() != static_cast<py::ssize_t>(n))
     throw py::value_error("grad_entropies has " + std::to_string(grad_entropies.size()) + " elements; expected " +
                           std::to_string(n) + " (one per tensor)");
-  std::vector<py::array> gm = OptionalStats(grad_means_obj, "grad_means", in, &gmean_ptrs);
-  std::vector<py::array> gv = OptionalStats(grad_vars_obj, "grad_variances", in, &gvar_ptrs);
+  call.grad_entropy = grad_entropies.data();
+  std::vector<py::array> gm = OptionalStats(grad_means_obj, "grad_means", call.in, &call.grad_mean);
+  std::vector<py::array> gv = OptionalStats(grad_vars_obj, "grad_variances", call.in, &call.grad_variance);
   py::list dxs;
-  std::vector<void*> dx_ptrs(n);
   for (size_t i = 0; i < n; ++i) {
-    py::array dx(in.xs[i].dtype(), std::vector<py::ssize_t>(in.xs[i].shape(), in.xs[i].shape() + in.xs[i].ndim()));
-    dx_ptrs[i] = dx.mutable_data();
+    py::array dx(xs[i].dtype(), std::vector<py::ssize_t>(xs[i].shape(), xs[i].shape() + xs[i].ndim()));
+    call.dx.push_back(dx.mutable_data());
     dxs.append(dx);
   }
-  lbe::BackwardArgs args;
-  args.dtype = in.dtype;
-  args.ddof = ddof;
-  args.num_tensors = static_cast<int64_t>(n);
-  args.x = in.x_ptrs.data();
-  args.batch = in.batch.data();
-  args.units = in.units.data();
-  args.mean = mean_ptrs.data();
-  args.variance = var_ptrs.data();
-  args.grad_entropy = grad_entropies.data();
-  args.grad_mean = gmean_ptrs.data();
-  args.grad_variance = gvar_ptrs.data();
-  args.dx = dx_ptrs.data();
-  std::string error;
-  {
-    py::gil_scoped_release release;
-    error = run(args);
-  }
-  if (!error.empty()) throw py::value_error(error);
+  RunWithoutGil(run, call.Args());
   return dxs;
 }
 
@@ -285,8 +237,9 @@ py::dict ReportDict(const lbe::cuda::emulation::Report& r) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Device arrays (__cuda_array_interface__)
+// Device arrays (__cuda_array_interface__), in builds with the CUDA kernels
 // ---------------------------------------------------------------------------------------------
+#if defined(LBE_OPS_HAVE_CUDA)
 struct DeviceArray {
   uintptr_t ptr = 0;
   std::vector<int64_t> shape;
@@ -392,7 +345,7 @@ DeviceArray ReadDeviceArray(py::handle obj, const std::string& name) {
 
 lbe::DType DeviceDType(const DeviceArray& a, const std::string& name, const std::optional<std::string>& override) {
   if (override) {
-    const std::optional<lbe::DType> dt = DTypeFromName(*override);
+    const std::optional<lbe::DType> dt = lbe::ParseDType(*override);
     if (!dt) throw py::value_error("dtype must be float16, bfloat16, float32 or float64, got '" + *override + "'");
     if (a.itemsize != lbe::DTypeSize(*dt))
       throw py::type_error(name + " has " + std::to_string(a.itemsize) + "-byte elements; dtype=" + *override +
@@ -420,33 +373,18 @@ void CheckDevice(const DeviceArray& a, const std::string& name, lbe::DType dtype
   if (writable && a.readonly) throw py::value_error(name + " is read-only");
 }
 
-struct DeviceInputs {
-  lbe::DType dtype = lbe::DType::kFloat32;
-  std::vector<int64_t> batch, units;
-  std::vector<const void*> x_ptrs;
-};
-
-DeviceInputs ReadDeviceActivations(py::handle xs_obj, int64_t ddof, const std::optional<std::string>& dtype) {
+// Reads the activations into *in (whose ddof is set).
+void ReadDeviceActivations(py::handle xs_obj, const std::optional<std::string>& dtype, lbe::Activations* in) {
   py::sequence seq = CheckList(xs_obj, "xs", std::nullopt);
   if (seq.size() == 0) throw py::value_error("xs must not be empty");
-  DeviceInputs in;
   for (size_t i = 0; i < seq.size(); ++i) {
     const std::string name = Indexed("xs", i);
     DeviceArray a = ReadDeviceArray(seq[i], name);
-    const lbe::DType dt = DeviceDType(a, name, dtype);
-    if (i == 0) in.dtype = dt;
-    else if (dt != in.dtype)
-      throw py::type_error(name + " is " + lbe::DTypeName(dt) + " but xs[0] is " + lbe::DTypeName(in.dtype));
-    int64_t b = 0, u = 0;
-    BatchUnits(a.shape, name, ddof, &b, &u);
-    in.batch.push_back(b);
-    in.units.push_back(u);
-    in.x_ptrs.push_back(reinterpret_cast<const void*>(a.ptr));
+    AddActivation(a.shape, reinterpret_cast<const void*>(a.ptr), DeviceDType(a, name, dtype), "xs", i, in);
   }
-  return in;
 }
 
-std::vector<void*> DeviceOutputs(py::handle obj, const std::string& name, const DeviceInputs& in, bool stats) {
+std::vector<void*> DeviceOutputs(py::handle obj, const std::string& name, const lbe::Activations& in, bool stats) {
   py::sequence seq = CheckList(obj, name, in.batch.size());
   std::vector<void*> ptrs;
   for (size_t i = 0; i < in.batch.size(); ++i) {
@@ -457,7 +395,7 @@ std::vector<void*> DeviceOutputs(py::handle obj, const std::string& name, const 
   return ptrs;
 }
 
-std::vector<const void*> DeviceStatsInputs(py::handle obj, const std::string& name, const DeviceInputs& in,
+std::vector<const void*> DeviceStatsInputs(py::handle obj, const std::string& name, const lbe::Activations& in,
                                            bool optional) {
   std::vector<const void*> ptrs(in.batch.size(), nullptr);
   if (optional && obj.is_none()) return ptrs;
@@ -471,7 +409,6 @@ std::vector<const void*> DeviceStatsInputs(py::handle obj, const std::string& na
   return ptrs;
 }
 
-#if defined(LBE_OPS_HAVE_CUDA)
 void ThrowCuda(cudaError_t err, const char* what) {
   throw std::runtime_error(std::string(what) + " failed: " + cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
 }
@@ -510,106 +447,60 @@ void WithWorkspace(const char* what, py::handle workspace_obj, size_t need, uint
   }
   if (err != cudaSuccess) ThrowCuda(err, what);
 }
-#endif
 
-struct CudaForwardCall {
-  DeviceInputs in;
-  std::vector<void*> means, variances;
-  void* entropy = nullptr;
-  lbe::ForwardArgs args;
-};
-
-void FillForward(CudaForwardCall& c, py::handle xs, py::handle means, py::handle variances, py::handle entropies,
+void FillForward(lbe::ForwardCall& c, py::handle xs, py::handle means, py::handle variances, py::handle entropies,
                  int64_t ddof, const std::optional<std::string>& dtype) {
-  CheckDdof(ddof);
-  c.in = ReadDeviceActivations(xs, ddof, dtype);
-  c.means = DeviceOutputs(means, "means", c.in, true);
-  c.variances = DeviceOutputs(variances, "variances", c.in, true);
+  c.in.ddof = CheckDdof(ddof);
+  ReadDeviceActivations(xs, dtype, &c.in);
+  c.mean = DeviceOutputs(means, "means", c.in, true);
+  c.variance = DeviceOutputs(variances, "variances", c.in, true);
   DeviceArray e = ReadDeviceArray(entropies, "entropies");
-  CheckDevice(e, "entropies", c.in.dtype, false, static_cast<int64_t>(c.in.batch.size()), true);
+  CheckDevice(e, "entropies", c.in.dtype, false, c.in.size(), true);
   c.entropy = reinterpret_cast<void*>(e.ptr);
-  c.args.dtype = c.in.dtype;
-  c.args.ddof = ddof;
-  c.args.num_tensors = static_cast<int64_t>(c.in.batch.size());
-  c.args.x = c.in.x_ptrs.data();
-  c.args.batch = c.in.batch.data();
-  c.args.units = c.in.units.data();
-  c.args.mean = c.means.data();
-  c.args.variance = c.variances.data();
-  c.args.entropy = c.entropy;
 }
 
-struct CudaBackwardCall {
-  DeviceInputs in;
-  std::vector<const void*> means, variances, grad_means, grad_variances;
-  std::vector<void*> dxs;
-  lbe::BackwardArgs args;
-};
-
-void FillBackward(CudaBackwardCall& c, py::handle xs, py::handle means, py::handle variances,
+void FillBackward(lbe::BackwardCall& c, py::handle xs, py::handle means, py::handle variances,
                   py::handle grad_entropies, py::handle dxs, py::handle grad_means, py::handle grad_variances,
                   int64_t ddof, const std::optional<std::string>& dtype) {
-  CheckDdof(ddof);
-  c.in = ReadDeviceActivations(xs, ddof, dtype);
-  c.means = DeviceStatsInputs(means, "means", c.in, false);
-  c.variances = DeviceStatsInputs(variances, "variances", c.in, false);
-  c.grad_means = DeviceStatsInputs(grad_means, "grad_means", c.in, true);
-  c.grad_variances = DeviceStatsInputs(grad_variances, "grad_variances", c.in, true);
-  c.dxs = DeviceOutputs(dxs, "dxs", c.in, false);
+  c.in.ddof = CheckDdof(ddof);
+  ReadDeviceActivations(xs, dtype, &c.in);
+  c.mean = DeviceStatsInputs(means, "means", c.in, false);
+  c.variance = DeviceStatsInputs(variances, "variances", c.in, false);
+  c.grad_mean = DeviceStatsInputs(grad_means, "grad_means", c.in, true);
+  c.grad_variance = DeviceStatsInputs(grad_variances, "grad_variances", c.in, true);
+  c.dx = DeviceOutputs(dxs, "dxs", c.in, false);
   DeviceArray g = ReadDeviceArray(grad_entropies, "grad_entropies");
-  CheckDevice(g, "grad_entropies", c.in.dtype, false, static_cast<int64_t>(c.in.batch.size()), false);
-  c.args.dtype = c.in.dtype;
-  c.args.ddof = ddof;
-  c.args.num_tensors = static_cast<int64_t>(c.in.batch.size());
-  c.args.x = c.in.x_ptrs.data();
-  c.args.batch = c.in.batch.data();
-  c.args.units = c.in.units.data();
-  c.args.mean = c.means.data();
-  c.args.variance = c.variances.data();
-  c.args.grad_entropy = reinterpret_cast<const void*>(g.ptr);
-  c.args.grad_mean = c.grad_means.data();
-  c.args.grad_variance = c.grad_variances.data();
-  c.args.dx = c.dxs.data();
+  CheckDevice(g, "grad_entropies", c.in.dtype, false, c.in.size(), false);
+  c.grad_entropy = reinterpret_cast<const void*>(g.ptr);
 }
+#endif
 
 // Plans of the CUDA kernels for given shapes (no device needed): what the launch would look like.
 py::dict PlanInfo(const std::vector<std::vector<int64_t>>& shapes, const std::string& dtype_name, int64_t ddof,
                   bool aligned) {
-  const std::optional<lbe::DType> dtype = DTypeFromName(dtype_name);
+  const std::optional<lbe::DType> dtype = lbe::ParseDType(dtype_name);
   if (!dtype) throw py::value_error("dtype must be float16, bfloat16, float32 or float64");
-  CheckDdof(ddof);
+  lbe::ForwardCall fc;
+  fc.in.ddof = CheckDdof(ddof);
   const size_t n = shapes.size();
   if (n == 0) throw py::value_error("shapes must not be empty");
-  std::vector<int64_t> batch(n), units(n);
   // Stand-in device addresses: 256-byte aligned, or 2 bytes off when !aligned.
-  std::vector<const void*> xs(n);
   std::vector<void*> outs(n);
   for (size_t i = 0; i < n; ++i) {
-    BatchUnits(shapes[i], Indexed("shapes", i), ddof, &batch[i], &units[i]);
-    xs[i] = reinterpret_cast<const void*>(uintptr_t{1} << 40 | (i << 32) | (aligned ? 0 : 2));
+    const void* x = reinterpret_cast<const void*>(uintptr_t{1} << 40 | (i << 32) | (aligned ? 0 : 2));
+    AddActivation(shapes[i], x, *dtype, "shapes", i, &fc.in);
     outs[i] = reinterpret_cast<void*>(uintptr_t{1} << 41 | (i << 32) | (aligned ? 0 : 2));
   }
-  lbe::ForwardArgs fa;
-  fa.dtype = *dtype;
-  fa.ddof = ddof;
-  fa.num_tensors = static_cast<int64_t>(n);
-  fa.x = xs.data();
-  fa.batch = batch.data();
-  fa.units = units.data();
-  fa.mean = outs.data();
-  fa.variance = outs.data();
-  fa.entropy = outs[0];
-  lbe::BackwardArgs ba;
-  ba.dtype = *dtype;
-  ba.ddof = ddof;
-  ba.num_tensors = static_cast<int64_t>(n);
-  ba.x = xs.data();
-  ba.batch = batch.data();
-  ba.units = units.data();
-  ba.mean = reinterpret_cast<const void* const*>(outs.data());
-  ba.variance = reinterpret_cast<const void* const*>(outs.data());
-  ba.grad_entropy = outs[0];
-  ba.dx = outs.data();
+  fc.mean = fc.variance = outs;
+  fc.entropy = outs[0];
+  lbe::BackwardCall bc;
+  bc.in = fc.in;
+  bc.mean = bc.variance = std::vector<const void*>(outs.begin(), outs.end());
+  bc.grad_entropy = outs[0];
+  bc.dx = outs;
+  const lbe::ForwardArgs fa = fc.Args();
+  const lbe::BackwardArgs ba = bc.Args();
+  const std::vector<int64_t>& units = fc.in.units;
   const lbe::cuda::Tuning tuning = lbe::cuda::GetTuning();
   lbe::cuda::ForwardPlan fp;
   lbe::cuda::BackwardPlan bp;
@@ -770,9 +661,9 @@ PYBIND11_MODULE(_core, m) {
       "cuda_forward_workspace_bytes",
       [](py::handle xs, py::handle means, py::handle variances, py::handle entropies, int64_t ddof,
          std::optional<std::string> dtype) {
-        CudaForwardCall c;
+        lbe::ForwardCall c;
         FillForward(c, xs, means, variances, entropies, ddof, dtype);
-        return lbe::cuda::ForwardWorkspaceBytes(c.args);
+        return lbe::cuda::ForwardWorkspaceBytes(c.Args());
       },
       py::arg("xs"), py::arg("means"), py::arg("variances"), py::arg("entropies"), py::arg("ddof") = 1,
       py::arg("dtype") = py::none(), "Device scratch bytes cuda_forward needs for these arrays.");
@@ -780,11 +671,12 @@ PYBIND11_MODULE(_core, m) {
       "cuda_forward",
       [](py::handle xs, py::handle means, py::handle variances, py::handle entropies, int64_t ddof, uintptr_t stream,
          py::handle workspace, std::optional<std::string> dtype) {
-        CudaForwardCall c;
+        lbe::ForwardCall c;
         FillForward(c, xs, means, variances, entropies, ddof, dtype);
-        const size_t need = lbe::cuda::ForwardWorkspaceBytes(c.args);
+        const lbe::ForwardArgs args = c.Args();
+        const size_t need = lbe::cuda::ForwardWorkspaceBytes(args);
         WithWorkspace("cuda_forward", workspace, need, stream, [&](void* ws, size_t bytes, cudaStream_t s) {
-          return lbe::cuda::Forward(c.args, ws, bytes, s);
+          return lbe::cuda::Forward(args, ws, bytes, s);
         });
       },
       py::arg("xs"), py::arg("means"), py::arg("variances"), py::arg("entropies"), py::arg("ddof") = 1,
@@ -798,9 +690,9 @@ PYBIND11_MODULE(_core, m) {
       "cuda_backward_workspace_bytes",
       [](py::handle xs, py::handle means, py::handle variances, py::handle grad_entropies, py::handle dxs,
          py::handle grad_means, py::handle grad_variances, int64_t ddof, std::optional<std::string> dtype) {
-        CudaBackwardCall c;
+        lbe::BackwardCall c;
         FillBackward(c, xs, means, variances, grad_entropies, dxs, grad_means, grad_variances, ddof, dtype);
-        return lbe::cuda::BackwardWorkspaceBytes(c.args);
+        return lbe::cuda::BackwardWorkspaceBytes(c.Args());
       },
       py::arg("xs"), py::arg("means"), py::arg("variances"), py::arg("grad_entropies"), py::arg("dxs"),
       py::arg("grad_means") = py::none(), py::arg("grad_variances") = py::none(), py::arg("ddof") = 1,
@@ -810,11 +702,12 @@ PYBIND11_MODULE(_core, m) {
       [](py::handle xs, py::handle means, py::handle variances, py::handle grad_entropies, py::handle dxs,
          py::handle grad_means, py::handle grad_variances, int64_t ddof, uintptr_t stream, py::handle workspace,
          std::optional<std::string> dtype) {
-        CudaBackwardCall c;
+        lbe::BackwardCall c;
         FillBackward(c, xs, means, variances, grad_entropies, dxs, grad_means, grad_variances, ddof, dtype);
-        const size_t need = lbe::cuda::BackwardWorkspaceBytes(c.args);
+        const lbe::BackwardArgs args = c.Args();
+        const size_t need = lbe::cuda::BackwardWorkspaceBytes(args);
         WithWorkspace("cuda_backward", workspace, need, stream, [&](void* ws, size_t bytes, cudaStream_t s) {
-          return lbe::cuda::Backward(c.args, ws, bytes, s);
+          return lbe::cuda::Backward(args, ws, bytes, s);
         });
       },
       py::arg("xs"), py::arg("means"), py::arg("variances"), py::arg("grad_entropies"), py::arg("dxs"),

@@ -71,22 +71,6 @@ inline absl::Status CheckOptionalStats(const tensorflow::Tensor& t, const char* 
   return absl::OkStatus();
 }
 
-// The activations of one op, the single op's x or the grouped op's xs, checked into *a (whose
-// dtype and ddof are set); *list keeps the tensors.
-template <bool kGrouped>
-absl::Status GetActivations(tensorflow::OpKernelContext* ctx, bool allow_small_batch,
-                            tensorflow::OpInputList* list, lbe::Activations* a) {
-  const char* name = kGrouped ? "xs" : "x";
-  TF_RETURN_IF_ERROR(ctx->input_list(name, list));
-  a->reserve(list->size());
-  for (int i = 0; i < list->size(); ++i) {
-    const tensorflow::Tensor& x = (*list)[i];
-    TF_RETURN_IF_ERROR(ToStatus(lbe::AddActivation<TfShape>(
-        x, x.data(), lbe::ArgName{name, kGrouped ? i : -1}, allow_small_batch, a)));
-  }
-  return absl::OkStatus();
-}
-
 // Maximal runs [begin, end) of consecutive tensors that are all small or all not, in order: the
 // statistics and entropies of a run lie together, so each run takes one Zero or one Copy.
 struct Run {
@@ -219,20 +203,46 @@ std::vector<Pointer> SplitStats(Pointer base, const lbe::Activations& a) {
   return out;
 }
 
-template <typename Device, typename T, typename TStats, bool kGrouped>
-class BatchEntropyOp : public tensorflow::OpKernel {
+// What the forward and gradient kernels share: their attributes, and reading the activations.
+template <typename T, bool kGrouped>
+class BatchEntropyKernel : public tensorflow::OpKernel {
  public:
-  explicit BatchEntropyOp(tensorflow::OpKernelConstruction* ctx) : OpKernel(ctx) {
+  explicit BatchEntropyKernel(tensorflow::OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("ddof", &ddof_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("allow_small_batch", &allow_small_batch_));
   }
 
+ protected:
+  // The single op's x or the grouped op's xs, checked into *in; *xs keeps the tensors.
+  absl::Status ReadActivations(tensorflow::OpKernelContext* ctx, tensorflow::OpInputList* xs,
+                               lbe::Activations* in) const {
+    const char* name = kGrouped ? "xs" : "x";
+    TF_RETURN_IF_ERROR(ctx->input_list(name, xs));
+    in->dtype = TfElementTypes::Of<T>();
+    in->ddof = ddof_;
+    in->reserve(xs->size());
+    for (int i = 0; i < xs->size(); ++i) {
+      const tensorflow::Tensor& x = (*xs)[i];
+      TF_RETURN_IF_ERROR(ToStatus(lbe::AddActivation<TfShape>(
+          x, x.data(), lbe::ArgName{name, kGrouped ? i : -1}, allow_small_batch_, in)));
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  int64_t ddof_;
+  bool allow_small_batch_;
+};
+
+template <typename Device, typename T, typename TStats, bool kGrouped>
+class BatchEntropyOp : public BatchEntropyKernel<T, kGrouped> {
+ public:
+  using BatchEntropyKernel<T, kGrouped>::BatchEntropyKernel;
+
   void Compute(tensorflow::OpKernelContext* ctx) override {
     lbe::ForwardCall call;
-    call.in.dtype = TfElementTypes::Of<T>();
-    call.in.ddof = ddof_;
     tensorflow::OpInputList xs;
-    OP_REQUIRES_OK(ctx, GetActivations<kGrouped>(ctx, allow_small_batch_, &xs, &call.in));
+    OP_REQUIRES_OK(ctx, this->ReadActivations(ctx, &xs, &call.in));
     tensorflow::Tensor *entropy = nullptr, *mean = nullptr, *variance = nullptr;
     const tensorflow::TensorShape entropy_shape =
         kGrouped ? tensorflow::TensorShape({xs.size()}) : tensorflow::TensorShape({});
@@ -244,26 +254,17 @@ class BatchEntropyOp : public tensorflow::OpKernel {
     call.entropy = entropy->data();
     OP_REQUIRES_OK(ctx, RunCall<Device>(ctx, call));
   }
-
- private:
-  int64_t ddof_;
-  bool allow_small_batch_;
 };
 
 template <typename Device, typename T, typename TStats, bool kGrouped>
-class BatchEntropyGradOp : public tensorflow::OpKernel {
+class BatchEntropyGradOp : public BatchEntropyKernel<T, kGrouped> {
  public:
-  explicit BatchEntropyGradOp(tensorflow::OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("ddof", &ddof_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("allow_small_batch", &allow_small_batch_));
-  }
+  using BatchEntropyKernel<T, kGrouped>::BatchEntropyKernel;
 
   void Compute(tensorflow::OpKernelContext* ctx) override {
     lbe::BackwardCall call;
-    call.in.dtype = TfElementTypes::Of<T>();
-    call.in.ddof = ddof_;
     tensorflow::OpInputList xs;
-    OP_REQUIRES_OK(ctx, GetActivations<kGrouped>(ctx, allow_small_batch_, &xs, &call.in));
+    OP_REQUIRES_OK(ctx, this->ReadActivations(ctx, &xs, &call.in));
     const int n = xs.size();
     const char* const mean_name = kGrouped ? "means" : "mean";
     const char* const variance_name = kGrouped ? "variances" : "variance";
@@ -339,9 +340,6 @@ class BatchEntropyGradOp : public tensorflow::OpKernel {
     }
     return absl::OkStatus();
   }
-
-  int64_t ddof_;
-  bool allow_small_batch_;
 };
 
 }  // namespace lbe_tf
