@@ -203,8 +203,104 @@ std::vector<Pointer> SplitStats(Pointer base, const lbe::Activations& a) {
   return out;
 }
 
-// What the forward and gradient kernels share: their attributes, and reading the activations.
+// The rest of the forward: allocate the outputs and point the call at them.
 template <typename T, bool kGrouped>
+absl::Status Prepare(tensorflow::OpKernelContext* ctx, const tensorflow::OpInputList& xs,
+                     lbe::ForwardCall* call) {
+  tensorflow::Tensor *entropy = nullptr, *mean = nullptr, *variance = nullptr;
+  const tensorflow::TensorShape entropy_shape =
+      kGrouped ? tensorflow::TensorShape({xs.size()}) : tensorflow::TensorShape({});
+  TF_RETURN_IF_ERROR(ctx->allocate_output(0, entropy_shape, &entropy));
+  TF_RETURN_IF_ERROR(ctx->allocate_output(1, {call->in.total_units}, &mean));
+  TF_RETURN_IF_ERROR(ctx->allocate_output(2, {call->in.total_units}, &variance));
+  call->mean = SplitStats<void*>(mean->data(), call->in);
+  call->variance = SplitStats<void*>(variance->data(), call->in);
+  call->entropy = entropy->data();
+  return absl::OkStatus();
+}
+
+// One dx per input. A group's dx tensors are slices of one buffer: one allocation (and one
+// free) per call instead of one per tensor, which for a group of hundreds of small layers
+// was a visible part of the op's time. Each slice starts on a boundary of TensorFlow's
+// allocator alignment, as its own allocation would, so every consumer may use aligned loads.
+template <typename T>
+absl::Status AllocateGradients(tensorflow::OpKernelContext* ctx, const tensorflow::OpInputList& xs,
+                               std::vector<void*>* dx_ptrs) {
+  const int n = xs.size();
+  if (n == 1) {
+    tensorflow::Tensor* dx = nullptr;
+    TF_RETURN_IF_ERROR(ctx->allocate_output(0, xs[0].shape(), &dx));
+    (*dx_ptrs)[0] = dx->data();
+    return absl::OkStatus();
+  }
+  constexpr int64_t kStep = tensorflow::Allocator::kAllocatorAlignment / sizeof(T);
+  auto padded = [&](int i) { return (xs[i].NumElements() + kStep - 1) / kStep * kStep; };
+  int64_t total = 0;
+  for (int i = 0; i < n; ++i) total += padded(i);
+  tensorflow::Tensor buffer;
+  TF_RETURN_IF_ERROR(
+      ctx->allocate_temp(tensorflow::DataTypeToEnum<T>::value, tensorflow::TensorShape({total}),
+                         &buffer));
+  int64_t offset = 0;
+  for (int i = 0; i < n; ++i) {
+    const tensorflow::Tensor& x = xs[i];
+    tensorflow::Tensor dx;
+    if (!dx.CopyFrom(buffer.Slice(offset, offset + x.NumElements()), x.shape())) {
+      return tensorflow::errors::Internal("BatchEntropiesGrad: cannot view the gradient buffer "
+                                          "as shape ", x.shape().DebugString());
+    }
+    (*dx_ptrs)[i] = dx.data();
+    ctx->set_output(i, std::move(dx));
+    offset += padded(i);
+  }
+  return absl::OkStatus();
+}
+
+// The rest of the gradient: check the other inputs, allocate the outputs, fill the call.
+template <typename T, bool kGrouped>
+absl::Status Prepare(tensorflow::OpKernelContext* ctx, const tensorflow::OpInputList& xs,
+                     lbe::BackwardCall* call) {
+  const int n = xs.size();
+  const char* const mean_name = kGrouped ? "means" : "mean";
+  const char* const variance_name = kGrouped ? "variances" : "variance";
+  const char* const grad_entropy_name = kGrouped ? "grad_entropies" : "grad_entropy";
+  const char* const grad_mean_name = kGrouped ? "grad_means" : "grad_mean";
+  const char* const grad_variance_name = kGrouped ? "grad_variances" : "grad_variance";
+  const tensorflow::Tensor *mean, *variance, *grad_entropy, *grad_mean, *grad_variance;
+  TF_RETURN_IF_ERROR(ctx->input(mean_name, &mean));
+  TF_RETURN_IF_ERROR(ctx->input(variance_name, &variance));
+  TF_RETURN_IF_ERROR(ctx->input(grad_entropy_name, &grad_entropy));
+  TF_RETURN_IF_ERROR(ctx->input(grad_mean_name, &grad_mean));
+  TF_RETURN_IF_ERROR(ctx->input(grad_variance_name, &grad_variance));
+  if (kGrouped && !(grad_entropy->dims() == 1 && grad_entropy->dim_size(0) == n)) {
+    return tensorflow::errors::InvalidArgument("grad_entropies must have shape [", n, "], got ",
+                                               grad_entropy->shape().DebugString());
+  }
+  if (!kGrouped && grad_entropy->dims() != 0) {
+    return tensorflow::errors::InvalidArgument("grad_entropy must be a scalar, got shape ",
+                                               grad_entropy->shape().DebugString());
+  }
+  const int64_t total_units = call->in.total_units;
+  TF_RETURN_IF_ERROR(CheckStats(*mean, mean_name, total_units));
+  TF_RETURN_IF_ERROR(CheckStats(*variance, variance_name, total_units));
+  const void *grad_mean_data = nullptr, *grad_variance_data = nullptr;
+  TF_RETURN_IF_ERROR(CheckOptionalStats(*grad_mean, grad_mean_name, total_units, &grad_mean_data));
+  TF_RETURN_IF_ERROR(CheckOptionalStats(*grad_variance, grad_variance_name, total_units,
+                                        &grad_variance_data));
+  call->dx.resize(n);
+  TF_RETURN_IF_ERROR(AllocateGradients<T>(ctx, xs, &call->dx));
+  call->mean = SplitStats<const void*>(mean->data(), call->in);
+  call->variance = SplitStats<const void*>(variance->data(), call->in);
+  call->grad_mean = SplitStats<const void*>(grad_mean_data, call->in);
+  call->grad_variance = SplitStats<const void*>(grad_variance_data, call->in);
+  call->grad_entropy = grad_entropy->data();
+  return absl::OkStatus();
+}
+
+// The OpKernel of all four ops: Call is lbe::ForwardCall for Lbe>BatchEntropy(ies) and
+// lbe::BackwardCall for their gradients. It reads the activations, lets Prepare do the rest of
+// the inputs and the outputs, and runs the core.
+template <typename Device, typename T, bool kGrouped, typename Call>
 class BatchEntropyKernel : public tensorflow::OpKernel {
  public:
   explicit BatchEntropyKernel(tensorflow::OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -212,7 +308,15 @@ class BatchEntropyKernel : public tensorflow::OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("allow_small_batch", &allow_small_batch_));
   }
 
- protected:
+  void Compute(tensorflow::OpKernelContext* ctx) override {
+    Call call;
+    tensorflow::OpInputList xs;
+    OP_REQUIRES_OK(ctx, ReadActivations(ctx, &xs, &call.in));
+    OP_REQUIRES_OK(ctx, (Prepare<T, kGrouped>(ctx, xs, &call)));
+    OP_REQUIRES_OK(ctx, RunCall<Device>(ctx, call));
+  }
+
+ private:
   // The single op's x or the grouped op's xs, checked into *in; *xs keeps the tensors.
   absl::Status ReadActivations(tensorflow::OpKernelContext* ctx, tensorflow::OpInputList* xs,
                                lbe::Activations* in) const {
@@ -229,143 +333,27 @@ class BatchEntropyKernel : public tensorflow::OpKernel {
     return absl::OkStatus();
   }
 
- private:
   int64_t ddof_;
   bool allow_small_batch_;
 };
 
-template <typename Device, typename T, typename TStats, bool kGrouped>
-class BatchEntropyOp : public BatchEntropyKernel<T, kGrouped> {
- public:
-  using BatchEntropyKernel<T, kGrouped>::BatchEntropyKernel;
-
-  void Compute(tensorflow::OpKernelContext* ctx) override {
-    lbe::ForwardCall call;
-    tensorflow::OpInputList xs;
-    OP_REQUIRES_OK(ctx, this->ReadActivations(ctx, &xs, &call.in));
-    tensorflow::Tensor *entropy = nullptr, *mean = nullptr, *variance = nullptr;
-    const tensorflow::TensorShape entropy_shape =
-        kGrouped ? tensorflow::TensorShape({xs.size()}) : tensorflow::TensorShape({});
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, entropy_shape, &entropy));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, {call.in.total_units}, &mean));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, {call.in.total_units}, &variance));
-    call.mean = SplitStats<void*>(mean->data(), call.in);
-    call.variance = SplitStats<void*>(variance->data(), call.in);
-    call.entropy = entropy->data();
-    OP_REQUIRES_OK(ctx, RunCall<Device>(ctx, call));
-  }
-};
-
-template <typename Device, typename T, typename TStats, bool kGrouped>
-class BatchEntropyGradOp : public BatchEntropyKernel<T, kGrouped> {
- public:
-  using BatchEntropyKernel<T, kGrouped>::BatchEntropyKernel;
-
-  void Compute(tensorflow::OpKernelContext* ctx) override {
-    lbe::BackwardCall call;
-    tensorflow::OpInputList xs;
-    OP_REQUIRES_OK(ctx, this->ReadActivations(ctx, &xs, &call.in));
-    const int n = xs.size();
-    const char* const mean_name = kGrouped ? "means" : "mean";
-    const char* const variance_name = kGrouped ? "variances" : "variance";
-    const char* const grad_entropy_name = kGrouped ? "grad_entropies" : "grad_entropy";
-    const char* const grad_mean_name = kGrouped ? "grad_means" : "grad_mean";
-    const char* const grad_variance_name = kGrouped ? "grad_variances" : "grad_variance";
-    const tensorflow::Tensor *mean, *variance, *grad_entropy, *grad_mean, *grad_variance;
-    OP_REQUIRES_OK(ctx, ctx->input(mean_name, &mean));
-    OP_REQUIRES_OK(ctx, ctx->input(variance_name, &variance));
-    OP_REQUIRES_OK(ctx, ctx->input(grad_entropy_name, &grad_entropy));
-    OP_REQUIRES_OK(ctx, ctx->input(grad_mean_name, &grad_mean));
-    OP_REQUIRES_OK(ctx, ctx->input(grad_variance_name, &grad_variance));
-    if (kGrouped) {
-      OP_REQUIRES(ctx, grad_entropy->dims() == 1 && grad_entropy->dim_size(0) == n,
-                  tensorflow::errors::InvalidArgument("grad_entropies must have shape [", n,
-                                                      "], got ", grad_entropy->shape().DebugString()));
-    } else {
-      OP_REQUIRES(ctx, grad_entropy->dims() == 0,
-                  tensorflow::errors::InvalidArgument("grad_entropy must be a scalar, got shape ",
-                                                      grad_entropy->shape().DebugString()));
-    }
-    const int64_t total_units = call.in.total_units;
-    OP_REQUIRES_OK(ctx, CheckStats(*mean, mean_name, total_units));
-    OP_REQUIRES_OK(ctx, CheckStats(*variance, variance_name, total_units));
-    const void *grad_mean_data = nullptr, *grad_variance_data = nullptr;
-    OP_REQUIRES_OK(ctx, CheckOptionalStats(*grad_mean, grad_mean_name, total_units, &grad_mean_data));
-    OP_REQUIRES_OK(ctx, CheckOptionalStats(*grad_variance, grad_variance_name, total_units,
-                                           &grad_variance_data));
-    call.dx.resize(n);
-    OP_REQUIRES_OK(ctx, AllocateGradients(ctx, xs, &call.dx));
-    call.mean = SplitStats<const void*>(mean->data(), call.in);
-    call.variance = SplitStats<const void*>(variance->data(), call.in);
-    call.grad_mean = SplitStats<const void*>(grad_mean_data, call.in);
-    call.grad_variance = SplitStats<const void*>(grad_variance_data, call.in);
-    call.grad_entropy = grad_entropy->data();
-    OP_REQUIRES_OK(ctx, RunCall<Device>(ctx, call));
-  }
-
- private:
-  // One dx per input. A group's dx tensors are slices of one buffer: one allocation (and one
-  // free) per call instead of one per tensor, which for a group of hundreds of small layers
-  // was a visible part of the op's time. Each slice starts on a boundary of TensorFlow's
-  // allocator alignment, as its own allocation would, so every consumer may use aligned loads.
-  static absl::Status AllocateGradients(tensorflow::OpKernelContext* ctx,
-                                        const tensorflow::OpInputList& xs,
-                                        std::vector<void*>* dx_ptrs) {
-    const int n = xs.size();
-    if (n == 1) {
-      tensorflow::Tensor* dx = nullptr;
-      TF_RETURN_IF_ERROR(ctx->allocate_output(0, xs[0].shape(), &dx));
-      (*dx_ptrs)[0] = dx->data();
-      return absl::OkStatus();
-    }
-    constexpr int64_t kStep = tensorflow::Allocator::kAllocatorAlignment / sizeof(T);
-    auto padded = [&](int i) { return (xs[i].NumElements() + kStep - 1) / kStep * kStep; };
-    int64_t total = 0;
-    for (int i = 0; i < n; ++i) total += padded(i);
-    tensorflow::Tensor buffer;
-    TF_RETURN_IF_ERROR(
-        ctx->allocate_temp(tensorflow::DataTypeToEnum<T>::value, tensorflow::TensorShape({total}),
-                           &buffer));
-    int64_t offset = 0;
-    for (int i = 0; i < n; ++i) {
-      const tensorflow::Tensor& x = xs[i];
-      tensorflow::Tensor dx;
-      if (!dx.CopyFrom(buffer.Slice(offset, offset + x.NumElements()), x.shape())) {
-        return tensorflow::errors::Internal("BatchEntropiesGrad: cannot view the gradient buffer "
-                                            "as shape ", x.shape().DebugString());
-      }
-      (*dx_ptrs)[i] = dx.data();
-      ctx->set_output(i, std::move(dx));
-      offset += padded(i);
-    }
-    return absl::OkStatus();
-  }
-};
-
 }  // namespace lbe_tf
 
-// Registers the four ops for one device and one (T, Tstats) pair.
-#define LBE_REGISTER_KERNELS_FOR_TYPE(DEVICE, DeviceTag, T, TStats)                            \
-  REGISTER_KERNEL_BUILDER(Name("Lbe>BatchEntropy")                                           \
-                              .Device(DEVICE)                                                \
-                              .TypeConstraint<T>("T")                                        \
-                              .TypeConstraint<TStats>("Tstats"),                             \
-                          ::lbe_tf::BatchEntropyOp<DeviceTag, T, TStats, false>);            \
-  REGISTER_KERNEL_BUILDER(Name("Lbe>BatchEntropies")                                         \
-                              .Device(DEVICE)                                                \
-                              .TypeConstraint<T>("T")                                        \
-                              .TypeConstraint<TStats>("Tstats"),                             \
-                          ::lbe_tf::BatchEntropyOp<DeviceTag, T, TStats, true>);             \
-  REGISTER_KERNEL_BUILDER(Name("Lbe>BatchEntropyGrad")                                       \
-                              .Device(DEVICE)                                                \
-                              .TypeConstraint<T>("T")                                        \
-                              .TypeConstraint<TStats>("Tstats"),                             \
-                          ::lbe_tf::BatchEntropyGradOp<DeviceTag, T, TStats, false>);        \
-  REGISTER_KERNEL_BUILDER(Name("Lbe>BatchEntropiesGrad")                                     \
-                              .Device(DEVICE)                                                \
-                              .TypeConstraint<T>("T")                                        \
-                              .TypeConstraint<TStats>("Tstats"),                             \
-                          ::lbe_tf::BatchEntropyGradOp<DeviceTag, T, TStats, true>)
+// Registers the kernel (the arguments after TStats) of one op for one device and (T, Tstats) pair.
+#define LBE_REGISTER_KERNEL(DEVICE, OP, T, TStats, ...)                                       \
+  REGISTER_KERNEL_BUILDER(                                                                    \
+      Name(OP).Device(DEVICE).TypeConstraint<T>("T").TypeConstraint<TStats>("Tstats"),        \
+      __VA_ARGS__)
+// The four ops for one device and one (T, Tstats) pair.
+#define LBE_REGISTER_KERNELS_FOR_TYPE(DEVICE, DeviceTag, T, TStats)                           \
+  LBE_REGISTER_KERNEL(DEVICE, "Lbe>BatchEntropy", T, TStats,                                  \
+                      ::lbe_tf::BatchEntropyKernel<DeviceTag, T, false, ::lbe::ForwardCall>); \
+  LBE_REGISTER_KERNEL(DEVICE, "Lbe>BatchEntropies", T, TStats,                                \
+                      ::lbe_tf::BatchEntropyKernel<DeviceTag, T, true, ::lbe::ForwardCall>);  \
+  LBE_REGISTER_KERNEL(DEVICE, "Lbe>BatchEntropyGrad", T, TStats,                              \
+                      ::lbe_tf::BatchEntropyKernel<DeviceTag, T, false, ::lbe::BackwardCall>); \
+  LBE_REGISTER_KERNEL(DEVICE, "Lbe>BatchEntropiesGrad", T, TStats,                            \
+                      ::lbe_tf::BatchEntropyKernel<DeviceTag, T, true, ::lbe::BackwardCall>)
 
 // All four dtypes with their statistics types.
 #define LBE_REGISTER_ALL_KERNELS(DEVICE, DeviceTag)                           \

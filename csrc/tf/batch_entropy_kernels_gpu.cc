@@ -22,15 +22,6 @@ absl::Status StreamOf(tensorflow::OpKernelContext* ctx, cudaStream_t* stream) {
   return absl::OkStatus();
 }
 
-absl::Status Workspace(tensorflow::OpKernelContext* ctx, size_t bytes, tensorflow::Tensor* scratch, void** data) {
-  *data = nullptr;
-  if (bytes == 0) return absl::OkStatus();
-  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_INT8,
-                                        tensorflow::TensorShape({static_cast<int64_t>(bytes)}), scratch));
-  *data = scratch->data();
-  return absl::OkStatus();
-}
-
 absl::Status ToStatus(cudaError_t err, const char* what) {
   if (err == cudaSuccess) return absl::OkStatus();
   if (err == cudaErrorInvalidValue)
@@ -39,28 +30,36 @@ absl::Status ToStatus(cudaError_t err, const char* what) {
   return tensorflow::errors::Internal(what, " failed: ", cudaGetErrorName(err), ": ", cudaGetErrorString(err));
 }
 
+// Runs the core's forward or backward on the op's stream with a scratch tensor of the bytes it
+// needs.
+template <typename Args, typename WorkspaceBytes, typename Launch>
+absl::Status LaunchOnStream(tensorflow::OpKernelContext* ctx, const Args& args,
+                            WorkspaceBytes workspace_bytes, Launch launch, const char* what) {
+  cudaStream_t stream = nullptr;
+  TF_RETURN_IF_ERROR(StreamOf(ctx, &stream));
+  const size_t bytes = workspace_bytes(args);
+  tensorflow::Tensor scratch;
+  void* workspace = nullptr;
+  if (bytes > 0) {
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_INT8,
+                                          tensorflow::TensorShape({static_cast<int64_t>(bytes)}), &scratch));
+    workspace = scratch.data();
+  }
+  return ToStatus(launch(args, workspace, bytes, stream), what);
+}
+
 }  // namespace
 
 template <>
 absl::Status Launcher<GpuDevice>::Forward(tensorflow::OpKernelContext* ctx, const lbe::ForwardArgs& args) {
-  cudaStream_t stream = nullptr;
-  TF_RETURN_IF_ERROR(StreamOf(ctx, &stream));
-  const size_t bytes = lbe::cuda::ForwardWorkspaceBytes(args);
-  tensorflow::Tensor scratch;
-  void* workspace = nullptr;
-  TF_RETURN_IF_ERROR(Workspace(ctx, bytes, &scratch, &workspace));
-  return ToStatus(lbe::cuda::Forward(args, workspace, bytes, stream), "Lbe>BatchEntropies GPU kernel");
+  return LaunchOnStream(ctx, args, lbe::cuda::ForwardWorkspaceBytes, lbe::cuda::Forward,
+                        "Lbe>BatchEntropies GPU kernel");
 }
 
 template <>
 absl::Status Launcher<GpuDevice>::Backward(tensorflow::OpKernelContext* ctx, const lbe::BackwardArgs& args) {
-  cudaStream_t stream = nullptr;
-  TF_RETURN_IF_ERROR(StreamOf(ctx, &stream));
-  const size_t bytes = lbe::cuda::BackwardWorkspaceBytes(args);
-  tensorflow::Tensor scratch;
-  void* workspace = nullptr;
-  TF_RETURN_IF_ERROR(Workspace(ctx, bytes, &scratch, &workspace));
-  return ToStatus(lbe::cuda::Backward(args, workspace, bytes, stream), "Lbe>BatchEntropiesGrad GPU kernel");
+  return LaunchOnStream(ctx, args, lbe::cuda::BackwardWorkspaceBytes, lbe::cuda::Backward,
+                        "Lbe>BatchEntropiesGrad GPU kernel");
 }
 
 template <>
