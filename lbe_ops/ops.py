@@ -9,7 +9,11 @@ statistics of all its tensors in one flat vector each (tensor 0's units first).
 A batch <= ddof has no variance, and is an error by default. With allow_small_batch=True (the
 ops' attribute of that name) such a tensor is treated as a constant instead: entropy, mean and
 variance 0, gradient 0; for the last batch of an epoch (1 sample) or the empty per-replica batch of
-a distribution strategy (0 samples).
+a distribution strategy (0 samples). Under XLA, where nothing can raise at run time, a dynamic
+batch <= ddof without allow_small_batch gives a NaN entropy and variance (see reference.moments).
+
+The gradient ops have registered gradients too (their partials as TensorFlow ops), so gradients
+of any order work on the op path.
 """
 
 import numpy as np
@@ -222,9 +226,11 @@ def batch_entropy(x, ddof=1, dtype=None, allow_small_batch=False):
     from the float32 statistics, not rounded to half precision first).
 
     A batch B <= ddof (1 sample with ddof=1, or none) has no variance: a ValueError where the
-    batch is static, else an InvalidArgumentError at run time. With allow_small_batch=True such
-    a batch gives H = 0 with a zero gradient instead (for a last batch of 1 sample, or an empty
-    per-replica batch under a distribution strategy).
+    batch is static, else an InvalidArgumentError at run time, or NaN inside XLA (which cannot
+    raise). With allow_small_batch=True such a batch gives H = 0 with a zero gradient instead
+    (for a last batch of 1 sample, or an empty per-replica batch under a distribution strategy).
+
+    x must be one dense tensor; a list of tensors is a TypeError (use batch_entropies).
     """
     ddof = _validation.check_ddof(ddof)
     allow_small_batch = _validation.check_allow_small_batch(allow_small_batch)
