@@ -70,8 +70,8 @@ def _check_kind(x, name):
     if isinstance(x, (list, tuple)) and _holds_arrays(x):
         raise TypeError(
             f"{name} is a {type(x).__name__} of tensors or arrays ({len(x)} items), which would be "
-            f"stacked into one tensor; batch entropy takes {ACCEPTED}. For one entropy per tensor use "
-            "lbe_ops.batch_entropies(xs); to treat them as one batch, tf.concat them first")
+            f"stacked into one tensor; batch entropy takes {ACCEPTED}. For one entropy per tensor "
+            "use lbe_ops.batch_entropies(xs); to treat them as one batch, tf.concat them first")
 
 
 def check_input(x, ddof, name="x", allow_small_batch=False):

@@ -80,7 +80,7 @@ def _gradient_op_partials(xs, means, variances, grad_entropies, grad_means, grad
         tf.unstack(tf.cumsum(tf.stack([0] + units)))
     with_mean = not _absent(grad_means)
     with_variance = not _absent(grad_variances)
-    full_mean = _fill_if_empty(grad_means, total) if grad_means.shape[0] is None else grad_means
+    # dx is g_mean / B plus terms free of g_mean: only g_variance's values are needed here.
     full_variance = (_fill_if_empty(grad_variances, total) if grad_variances.shape[0] is None
                      else grad_variances)
     pie = tf.constant(reference.PI_E, stats)

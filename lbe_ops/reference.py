@@ -90,7 +90,6 @@ def moments(x, ddof=1, name="x", entropy_dtype=None, allow_small_batch=False):
     allow_small_batch = _validation.check_allow_small_batch(allow_small_batch)
     x = _validation.check_input(x, ddof, name=name, allow_small_batch=allow_small_batch)
     flat = _flatten(x)
-    acc = flat.dtype
     if allow_small_batch:
         mean, variance = _moments_allowing_small_batch(flat, ddof)
     else:
