@@ -3,12 +3,14 @@
     import lbe_ops
     h = lbe_ops.batch_entropy(activations)          # scalar, differentiable
     hs = lbe_ops.batch_entropies([a1, a2, a3])      # one entry per tensor
-    lbe_ops.backend_info()                          # {'backend': 'op' | 'tf', ...}
+    lbe_ops.backend_info()                          # {'backend': 'op' | 'tf', 'cuda': ...}
 
 The compiled op (CPU, and GPU where built with CUDA) is used where it can be; elsewhere (no
-library, another TensorFlow version, inside XLA) pure TensorFlow (backend "tf", the module
-lbe_ops.reference) gives the same numbers. LBE_OPS_BACKEND=auto|op|tf chooses.
-Keras integration: lbe_ops.keras (LBERegularizer, LBEModel, wrap).
+library, another TensorFlow version, inside XLA, a GPU the CUDA kernels cannot run on) pure
+TensorFlow (backend "tf", the module lbe_ops.reference) gives the same numbers.
+LBE_OPS_BACKEND=auto|op|tf chooses. Keras integration: lbe_ops.keras (LBERegularizer, LBEModel,
+wrap). docs/api.md describes the accepted arguments, small batches (also under XLA),
+higher-order gradients and backend_info().
 """
 
 from lbe_ops import reference

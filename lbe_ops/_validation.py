@@ -45,9 +45,39 @@ def check_allow_small_batch(allow_small_batch):
     return bool(allow_small_batch)
 
 
+ACCEPTED = ("a dense float tensor [batch, units...] (tf.Tensor, tf.Variable, NumPy array or "
+            "nested list of numbers)")
+
+
+def _holds_arrays(value):
+    """True if a (nested) list or tuple holds tensors or arrays rather than plain numbers."""
+    if isinstance(value, (list, tuple)):
+        return any(_holds_arrays(item) for item in value)
+    return not isinstance(value, (numbers.Number, str, bytes)) and hasattr(value, "shape")
+
+
+def _check_kind(x, name):
+    """Rejects what tf.convert_to_tensor would turn into a wrong value or a generic error."""
+    if isinstance(x, tf.RaggedTensor):
+        raise TypeError(
+            f"{name} is a tf.RaggedTensor; batch entropy needs {ACCEPTED}. Rows of different "
+            f"lengths have no per-unit batch statistics: pad them with {name}.to_tensor() only "
+            "if the padding belongs in the statistics")
+    if isinstance(x, tf.SparseTensor):
+        raise TypeError(
+            f"{name} is a tf.SparseTensor (dense shape {x.shape}); batch entropy "
+            f"needs {ACCEPTED}: convert it with tf.sparse.to_dense({name})")
+    if isinstance(x, (list, tuple)) and _holds_arrays(x):
+        raise TypeError(
+            f"{name} is a {type(x).__name__} of tensors or arrays ({len(x)} items), which would be "
+            f"stacked into one tensor; batch entropy takes {ACCEPTED}. For one entropy per tensor "
+            "use lbe_ops.batch_entropies(xs); to treat them as one batch, tf.concat them first")
+
+
 def check_input(x, ddof, name="x", allow_small_batch=False):
     """Converts x to a tensor and checks what is statically known about it. A static batch
     <= ddof is an error unless allow_small_batch."""
+    _check_kind(x, name)
     x = tf.convert_to_tensor(x)
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
@@ -70,7 +100,10 @@ def check_input(x, ddof, name="x", allow_small_batch=False):
 
 def check_list(xs, ddof, name="xs", allow_small_batch=False):
     if not isinstance(xs, (list, tuple)):
-        raise TypeError(f"{name} must be a list or tuple of tensors, got {type(xs).__name__}")
+        hint = "" if isinstance(xs, (tf.RaggedTensor, tf.SparseTensor)) else \
+            "; for the entropy of one tensor use lbe_ops.batch_entropy(x)"
+        raise TypeError(
+            f"{name} must be a list or tuple of tensors, got {type(xs).__name__}{hint}")
     xs = list(xs)
     if not xs:
         raise ValueError(f"{name} must hold at least one tensor")

@@ -9,7 +9,11 @@ statistics of all its tensors in one flat vector each (tensor 0's units first).
 A batch <= ddof has no variance, and is an error by default. With allow_small_batch=True (the
 ops' attribute of that name) such a tensor is treated as a constant instead: entropy, mean and
 variance 0, gradient 0; for the last batch of an epoch (1 sample) or the empty per-replica batch of
-a distribution strategy (0 samples).
+a distribution strategy (0 samples). Under XLA, where nothing can raise at run time, a dynamic
+batch <= ddof without allow_small_batch gives a NaN entropy and variance (see reference.moments).
+
+The gradient ops have registered gradients too (their partials as TensorFlow ops), so gradients
+of any order work on the op path.
 """
 
 import numpy as np
@@ -40,6 +44,95 @@ def _op_group(xs, ddof, allow_small_batch):
                                       Tstats=_stats_dtype(xs[0].dtype))
 
 
+def _absent(grad):
+    """True for a statistics gradient passed as the empty vector ("none reached this output")."""
+    return grad.shape.rank == 1 and grad.shape[0] == 0
+
+
+def _fill_if_empty(grad, size):
+    """A statistics gradient of unknown static length: the vector itself, or zeros of `size`
+    where it is the empty "none" vector at run time."""
+    return tf.cond(tf.size(grad) > 0, lambda: grad,
+                   lambda: tf.zeros(tf.reshape(size, [1]), grad.dtype))
+
+
+def _empty_if(grad_input, partial):
+    return tf.cond(tf.size(grad_input) > 0, lambda: partial, lambda: tf.zeros([0], partial.dtype))
+
+
+def _gradient_op_partials(xs, means, variances, grad_entropies, grad_means, grad_variances,
+                          upstream, ddof, allow_small_batch):
+    """Partial derivatives of the gradient ops' dx with respect to each of their inputs, as TF
+    ops, given the gradients `upstream` that reach each dx (None: nothing reached it).
+
+    Per tensor, with c = B - ddof, D_j = pi*e*v_j + 1, r = x - mean, the gradient op computes
+        dx[b, j] = r[b, j] * s_j + g_mean_j / B,  s_j = g_H * pi*e / (U c D_j) + 2 g_var_j / c,
+    a function of x, mean, variance, g_H, g_mean and g_var taken as independent inputs (mean and
+    variance come from the forward op, whose gradient carries their share back to x). Arithmetic
+    is in the statistics' dtype; with allow_small_batch, a tensor whose batch is <= ddof has
+    dx = 0 and every partial 0.
+    """
+    stats = means.dtype
+    units = [_units(x) for x in xs]
+    static_units = all(isinstance(u, int) for u in units)
+    total = sum(units) if static_units else tf.add_n(units)
+    offsets = np.cumsum([0] + units).tolist() if static_units else \
+        tf.unstack(tf.cumsum(tf.stack([0] + units)))
+    with_mean = not _absent(grad_means)
+    with_variance = not _absent(grad_variances)
+    # dx is g_mean / B plus terms free of g_mean: only g_variance's values are needed here.
+    full_variance = (_fill_if_empty(grad_variances, total) if grad_variances.shape[0] is None
+                     else grad_variances)
+    pie = tf.constant(reference.PI_E, stats)
+    d_xs, d_means, d_variances, d_entropies, d_grad_means, d_grad_variances = ([] for _ in range(6))
+    for i, (x, u) in enumerate(zip(xs, units)):
+        begin, size = offsets[i], u
+        mean = tf.slice(means, [begin], [size])
+        variance = tf.slice(variances, [begin], [size])
+        if upstream[i] is None:
+            zeros = tf.zeros(tf.reshape(size, [1]), stats)
+            d_xs.append(tf.zeros_like(x))
+            d_means.append(zeros)
+            d_variances.append(zeros)
+            d_entropies.append(tf.zeros([], stats))
+            d_grad_means.append(zeros)
+            d_grad_variances.append(zeros)
+            continue
+        batch = tf.shape(x)[0]
+        flat_x = tf.reshape(tf.cast(x, stats), tf.stack([batch, size]))
+        flat_w = tf.reshape(tf.cast(upstream[i], stats), tf.stack([batch, size]))
+        dof = tf.cast(tf.maximum(batch - ddof, 1), stats)
+        count = tf.cast(tf.maximum(batch, 1), stats)
+        valid = tf.cast(batch > ddof, stats) if allow_small_batch else tf.constant(1, stats)
+        denominator = pie * variance + 1
+        entropy_factor = pie / (tf.cast(size, stats) * dof) / denominator       # [U]
+        g_entropy = tf.cast(grad_entropies[i], stats)
+        scale = g_entropy * entropy_factor
+        if with_variance:
+            g_variance = tf.slice(full_variance, [begin], [size])
+            scale += 2 * g_variance / dof
+        w_sum = tf.reduce_sum(flat_w, axis=0) * valid                          # [U]
+        w_r = tf.reduce_sum(flat_w * (flat_x - mean), axis=0) * valid          # [U]
+        d_xs.append(tf.cast(tf.reshape(flat_w * (scale * valid), tf.shape(x)), x.dtype))
+        d_means.append(-w_sum * scale)
+        d_variances.append(-w_r * g_entropy * entropy_factor * pie / denominator)
+        d_entropies.append(tf.reduce_sum(w_r * entropy_factor))
+        d_grad_means.append(w_sum / count)
+        d_grad_variances.append(w_r * 2 / dof)
+    d_grad_means = tf.concat(d_grad_means, 0)
+    d_grad_variances = tf.concat(d_grad_variances, 0)
+    if not with_mean:
+        d_grad_means = tf.zeros([0], stats)
+    elif grad_means.shape[0] is None:
+        d_grad_means = _empty_if(grad_means, d_grad_means)
+    if not with_variance:
+        d_grad_variances = tf.zeros([0], stats)
+    elif grad_variances.shape[0] is None:
+        d_grad_variances = _empty_if(grad_variances, d_grad_variances)
+    return (d_xs, tf.concat(d_means, 0), tf.concat(d_variances, 0),
+            tf.cast(tf.stack(d_entropies), grad_entropies.dtype), d_grad_means, d_grad_variances)
+
+
 def _register_gradients():
     @tf.RegisterGradient("Lbe>BatchEntropy")
     def _batch_entropy_grad(op, grad_entropy, grad_mean, grad_variance):
@@ -57,6 +150,25 @@ def _register_gradients():
             list(op.inputs), means, variances, grad_entropies,
             _zeros_if_none(grad_means, means), _zeros_if_none(grad_variances, variances),
             ddof=op.get_attr("ddof"), allow_small_batch=op.get_attr("allow_small_batch"))
+
+    # Second order (a gradient penalty, a Hessian-vector product): the gradient ops' own gradients.
+    @tf.RegisterGradient("Lbe>BatchEntropyGrad")
+    def _batch_entropy_grad_grad(op, grad_dx):
+        x, mean, variance, grad_entropy, grad_mean, grad_variance = op.inputs
+        d_xs, d_mean, d_variance, d_entropy, d_grad_mean, d_grad_variance = _gradient_op_partials(
+            [x], mean, variance, tf.reshape(grad_entropy, [1]), grad_mean, grad_variance,
+            [grad_dx], op.get_attr("ddof"), op.get_attr("allow_small_batch"))
+        return (d_xs[0], d_mean, d_variance, tf.reshape(d_entropy, []), d_grad_mean,
+                d_grad_variance)
+
+    @tf.RegisterGradient("Lbe>BatchEntropiesGrad")
+    def _batch_entropies_grad_grad(op, *grad_dxs):
+        count = op.get_attr("N")
+        inputs = list(op.inputs)
+        xs, rest = inputs[:count], inputs[count:]
+        d_xs, *partials = _gradient_op_partials(
+            xs, *rest, list(grad_dxs), op.get_attr("ddof"), op.get_attr("allow_small_batch"))
+        return (*d_xs, *partials)
 
 
 _register_gradients()
@@ -114,9 +226,11 @@ def batch_entropy(x, ddof=1, dtype=None, allow_small_batch=False):
     from the float32 statistics, not rounded to half precision first).
 
     A batch B <= ddof (1 sample with ddof=1, or none) has no variance: a ValueError where the
-    batch is static, else an InvalidArgumentError at run time. With allow_small_batch=True such
-    a batch gives H = 0 with a zero gradient instead (for a last batch of 1 sample, or an empty
-    per-replica batch under a distribution strategy).
+    batch is static, else an InvalidArgumentError at run time, or NaN inside XLA (which cannot
+    raise). With allow_small_batch=True such a batch gives H = 0 with a zero gradient instead
+    (for a last batch of 1 sample, or an empty per-replica batch under a distribution strategy).
+
+    x must be one dense tensor; a list of tensors is a TypeError (use batch_entropies).
     """
     ddof = _validation.check_ddof(ddof)
     allow_small_batch = _validation.check_allow_small_batch(allow_small_batch)

@@ -46,6 +46,16 @@ def _check_runtime_batch(flat, ddof, name):
     return batch
 
 
+def _degrees_of_freedom(flat, batch, ddof):
+    """B - ddof in flat's dtype. Under XLA, where a dynamic batch <= ddof cannot raise (XLA
+    compiles assertions away), it is NaN instead: variance, entropy and their gradients are then
+    NaN for every such batch, where B - ddof would give 0, inf or NaN depending on B."""
+    dof = tf.cast(batch - ddof, flat.dtype)
+    if flat.shape[0] is None and _in_xla_context():
+        dof = tf.where(batch > ddof, dof, tf.constant(float("nan"), flat.dtype))
+    return dof
+
+
 def _in_xla_context():
     return _loader.in_xla_context()
 
@@ -72,20 +82,21 @@ def moments(x, ddof=1, name="x", entropy_dtype=None, allow_small_batch=False):
 
     entropy has x's dtype (or entropy_dtype); mean and variance ([U]) are in the accumulator
     dtype. A batch B <= ddof is an error (ValueError if static, else a failed assertion at run
-    time), unless allow_small_batch: then all three are 0 with zero gradients.
+    time), unless allow_small_batch: then all three are 0 with zero gradients. Under XLA, which
+    cannot raise at run time, a dynamic batch <= ddof gives a NaN entropy and variance (the mean
+    is the batch mean: NaN for B = 0).
     """
     ddof = _validation.check_ddof(ddof)
     allow_small_batch = _validation.check_allow_small_batch(allow_small_batch)
     x = _validation.check_input(x, ddof, name=name, allow_small_batch=allow_small_batch)
     flat = _flatten(x)
-    acc = flat.dtype
     if allow_small_batch:
         mean, variance = _moments_allowing_small_batch(flat, ddof)
     else:
         batch = _check_runtime_batch(flat, ddof, name)
         mean = tf.reduce_mean(flat, axis=0)
         centered = flat - mean
-        denom = tf.cast(batch - ddof, acc)
+        denom = _degrees_of_freedom(flat, batch, ddof)
         variance = tf.reduce_sum(tf.square(centered), axis=0) / denom
     unit_entropy = entropy_from_variance(variance)
     entropy = tf.reduce_mean(unit_entropy)

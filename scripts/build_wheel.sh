@@ -225,6 +225,7 @@ assert not ours, ours
 print(json.dumps({"lbe_ops": str(package_dir), "backend": info["backend"],
                   "library": info["library"], "built_with_tf": info["built_with_tf"],
                   "tf_version": tf.__version__, "cuda": info["cuda"],
+                  "built_with_cuda": info["built_with_cuda"],
                   "cuda_architectures": info["cuda_architectures"], "core": core,
                   "value_and_gradient_checks": checked + len(xs)}, indent=1))
 print("smoke check: OK")

@@ -1,0 +1,394 @@
+"""The op API's edges: a small batch under XLA, second-order gradients, wrong argument kinds.
+
+A batch <= ddof without allow_small_batch is an error where one can be raised (see
+test_small_batch.py); under XLA, which compiles assertions away, it is NaN on purpose. Second
+order through the op path goes through the gradient ops' registered gradients: checked here
+against numeric differentiation of the gradient ops themselves, against the pure-TF path's
+Hessian-vector products and against central differences of the float64 first-order gradient.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import lbe_ops
+from conftest import np_entropy, np_entropy_grad, np_moments
+from lbe_ops import _loader
+from test_ops import ENTROPY_RTOL, GRAD_RTOL, assert_grad_close, make_input
+
+BACKENDS = ["op", "tf"]
+# (ddof, batch) with batch <= ddof.
+SMALL = [(1, 0), (1, 1), (2, 0), (2, 1), (2, 2)]
+UNITS = 4
+
+
+def _id(value):
+    return value.name if isinstance(value, tf.dtypes.DType) else str(value)
+
+
+def _f64(t):
+    return tf.cast(t, tf.float64).numpy()
+
+
+# ---- a batch too small for a variance, under XLA ---------------------------------------------
+
+def _moments_and_group(ddof):
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            h, mean, variance = lbe_ops.batch_entropy_moments(x, ddof=ddof)
+        hs = lbe_ops.batch_entropies([y, x], ddof=ddof)
+        return h, mean, variance, tape.gradient(h, x), hs
+    return step
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [tf.float16, tf.float32, tf.float64], ids=_id)
+@pytest.mark.parametrize("ddof, batch", SMALL)
+def test_dynamic_small_batch_raises_outside_xla_and_is_nan_inside(rng, backend, dtype, ddof,
+                                                                   batch):
+    """One function, two compilations: graph mode raises, XLA gives NaN entropy and variance
+    (and gradient) for every batch <= ddof, and the mean of the batch; a batch large enough for
+    a variance, fed to the same compiled function, matches the float64 reference."""
+    signature = [tf.TensorSpec([None, UNITS], dtype)] * 2
+    step = _moments_and_group(ddof)
+    graph_fn = tf.function(step, input_signature=signature)
+    xla_fn = tf.function(step, input_signature=signature, jit_compile=True)
+    x, x64 = make_input(rng, (batch, UNITS), dtype)
+    y, y64 = make_input(rng, (ddof + 3, UNITS), dtype)
+
+    with lbe_ops.use_backend(backend):
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=f"needs a batch of at least {ddof + 1}"):
+            graph_fn(x, y)
+        h, mean, variance, grad, hs = xla_fn(x, y)
+    assert h.dtype == dtype and np.isnan(_f64(h))
+    assert variance.shape == (UNITS,) and np.all(np.isnan(variance.numpy()))
+    if batch:
+        np.testing.assert_allclose(mean.numpy(), x64.mean(axis=0), rtol=1e-6, atol=1e-6)
+        assert grad.shape == x.shape and np.all(np.isnan(_f64(grad)))
+    else:
+        assert np.all(np.isnan(mean.numpy()))
+    assert hs.dtype == dtype and np.isnan(_f64(hs[1]))
+    np.testing.assert_allclose(_f64(hs[0]), np_entropy(y64, ddof), rtol=ENTROPY_RTOL[dtype])
+
+    x, x64 = make_input(rng, (ddof + 2, UNITS), dtype)
+    with lbe_ops.use_backend(backend):
+        h, mean, variance, grad, hs = xla_fn(x, y)
+    ref_h, ref_mean, ref_variance = np_moments(x64, ddof)
+    np.testing.assert_allclose(_f64(h), ref_h, rtol=ENTROPY_RTOL[dtype])
+    np.testing.assert_allclose(variance.numpy(), ref_variance, rtol=1e-5)
+    np.testing.assert_allclose(_f64(hs), [np_entropy(y64, ddof), ref_h], rtol=ENTROPY_RTOL[dtype])
+    assert_grad_close(grad, np_entropy_grad(x64, ddof), GRAD_RTOL[dtype], x64)
+
+
+# ---- second-order gradients -------------------------------------------------------------------
+
+def _ops():
+    return _loader.op_module()
+
+
+def _grad_op_inputs(rng, shapes, ddof, batch_small):
+    """Random float64 inputs of a gradient op: xs, and flat means, variances, per-tensor
+    entropy gradients, statistics gradients (the ops take any values there)."""
+    shapes = [((ddof if batch_small else s[0]),) + s[1:] for s in shapes]
+    xs = [tf.constant(rng.standard_normal(s) * 2.0 + 0.5) for s in shapes]
+    units = sum(int(np.prod(s[1:])) for s in shapes)
+    means = tf.constant(rng.standard_normal(units))
+    variances = tf.constant(rng.uniform(0.2, 3.0, units))
+    grad_entropies = tf.constant(rng.uniform(0.5, 2.0, len(shapes)))
+    grad_means = tf.constant(rng.standard_normal(units))
+    grad_variances = tf.constant(rng.standard_normal(units))
+    return xs, means, variances, grad_entropies, grad_means, grad_variances
+
+
+STATS_GRADS = ["both", "mean", "variance", "none"]
+
+
+def _check_numeric(fn, inputs):
+    theoretical, numerical = tf.test.compute_gradient(fn, inputs, delta=1e-6)
+    for t, n in zip(theoretical, numerical):
+        assert np.all(np.isfinite(t))
+        scale = max(np.abs(n).max(initial=0.0), 1e-12)
+        np.testing.assert_allclose(t, n, rtol=1e-6, atol=1e-7 * scale)
+    return theoretical
+
+
+@pytest.mark.parametrize("allow_small_batch, batch_small",
+                         [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("stats_grads", STATS_GRADS)
+@pytest.mark.parametrize("ddof", [0, 1, 2])
+def test_gradient_op_of_one_tensor_has_the_numeric_gradient(rng, ddof, stats_grads,
+                                                            allow_small_batch, batch_small):
+    (x,), mean, variance, grad_entropy, grad_mean, grad_variance = _grad_op_inputs(
+        rng, [(ddof + 5, 3, 2)], ddof, batch_small)
+    with_mean, with_variance = stats_grads in ("both", "mean"), stats_grads in ("both", "variance")
+    inputs = [x, mean, variance, grad_entropy[0]]
+    inputs += [grad_mean] if with_mean else []
+    inputs += [grad_variance] if with_variance else []
+
+    def dx(x, mean, variance, grad_entropy, *stats):
+        stats = list(stats)
+        g_mean = stats.pop(0) if with_mean else tf.zeros([0], tf.float64)
+        g_variance = stats.pop(0) if with_variance else tf.zeros([0], tf.float64)
+        return _ops().lbe_batch_entropy_grad(x, mean, variance, grad_entropy, g_mean, g_variance,
+                                             ddof=ddof, allow_small_batch=allow_small_batch)
+
+    theoretical = _check_numeric(dx, inputs)
+    if batch_small:
+        assert all(np.all(t == 0.0) for t in theoretical)
+
+
+@pytest.mark.parametrize("allow_small_batch", [False, True])
+@pytest.mark.parametrize("stats_grads", STATS_GRADS)
+def test_gradient_op_of_a_group_has_the_numeric_gradient(rng, stats_grads, allow_small_batch):
+    ddof = 1
+    shapes = [(6, 3), (4, 2, 2), (9, 1)]
+    xs, means, variances, grad_entropies, grad_means, grad_variances = _grad_op_inputs(
+        rng, shapes, ddof, False)
+    if allow_small_batch:  # a small tensor inside the group: dx 0, all its partials 0
+        xs[1] = xs[1][:1]
+    with_mean, with_variance = stats_grads in ("both", "mean"), stats_grads in ("both", "variance")
+    inputs = xs + [means, variances, grad_entropies]
+    inputs += [grad_means] if with_mean else []
+    inputs += [grad_variances] if with_variance else []
+
+    def dxs(*args):
+        args = list(args)
+        group = args[:len(shapes)]
+        means, variances, grad_entropies = args[len(shapes):len(shapes) + 3]
+        stats = args[len(shapes) + 3:]
+        g_means = stats.pop(0) if with_mean else tf.zeros([0], tf.float64)
+        g_variances = stats.pop(0) if with_variance else tf.zeros([0], tf.float64)
+        return tf.concat([tf.reshape(d, [-1]) for d in _ops().lbe_batch_entropies_grad(
+            group, means, variances, grad_entropies, g_means, g_variances, ddof=ddof,
+            allow_small_batch=allow_small_batch)], 0)
+
+    theoretical = _check_numeric(dxs, inputs)
+    if allow_small_batch:
+        # Rows of the Jacobian that belong to xs[1]'s dx are 0, whatever the input.
+        begin = int(np.prod(xs[0].shape))
+        rows = slice(begin, begin + int(np.prod(xs[1].shape)))
+        assert all(np.all(t[rows] == 0.0) for t in theoretical)
+
+
+def test_gradient_op_gradient_with_statistics_gradients_of_unknown_length(rng):
+    """A statistics gradient whose length is only known at run time may be the empty "none"
+    vector or a full one: the second-order result is that of the static call either way."""
+    (x,), mean, variance, grad_entropy, grad_mean, grad_variance = _grad_op_inputs(
+        rng, [(5, 4)], 1, False)
+    weights = tf.constant(rng.standard_normal(x.shape))
+
+    def partials(x, mean, variance, grad_entropy, grad_mean, grad_variance):
+        inputs = [x, mean, variance, grad_entropy, grad_mean, grad_variance]
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            dx = _ops().lbe_batch_entropy_grad(*inputs)
+            total = tf.reduce_sum(dx * weights)
+        return tape.gradient(total, inputs)
+
+    dynamic = tf.function(partials, input_signature=[
+        tf.TensorSpec(None, tf.float64), tf.TensorSpec([None], tf.float64),
+        tf.TensorSpec([None], tf.float64), tf.TensorSpec([], tf.float64),
+        tf.TensorSpec([None], tf.float64), tf.TensorSpec(None, tf.float64)])
+    empty = tf.zeros([0], tf.float64)
+    for g_mean, g_variance in [(grad_mean, grad_variance), (empty, grad_variance),
+                               (grad_mean, empty), (empty, empty)]:
+        args = (x, mean, variance, grad_entropy[0], g_mean, g_variance)
+        for got, expected in zip(dynamic(*args), partials(*args)):
+            assert got.shape == expected.shape
+            np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-12, atol=1e-15)
+
+
+def _loss(xs, ddof, allow_small_batch, weights):
+    """A loss that reaches every output: the grouped entropies, one entropy alone, and the
+    mean and variance of one tensor."""
+    w_group, w_mean, w_variance = weights
+    hs = lbe_ops.batch_entropies(xs, ddof=ddof, allow_small_batch=allow_small_batch)
+    h0 = lbe_ops.batch_entropy(xs[0], ddof=ddof, allow_small_batch=allow_small_batch)
+    h1, mean, variance = lbe_ops.batch_entropy_moments(xs[1], ddof=ddof,
+                                                       allow_small_batch=allow_small_batch)
+    stats = mean.dtype
+    return (tf.reduce_sum(tf.cast(hs, stats) * tf.cast(w_group, stats))
+            + tf.cast(3.0 * h0 + h1, stats) + tf.reduce_sum(tf.cast(w_mean, stats) * mean)
+            + tf.reduce_sum(tf.cast(w_variance, stats) * variance))
+
+
+def _second_order(xs, vs, ddof, allow_small_batch, weights):
+    """The Hessian-vector product H v and the gradient of the penalty sum |dL/dx|^2."""
+    with tf.GradientTape(persistent=True) as outer:
+        outer.watch(xs)
+        with tf.GradientTape() as inner:
+            inner.watch(xs)
+            loss = _loss(xs, ddof, allow_small_batch, weights)
+        grads = inner.gradient(loss, xs)
+        product = tf.add_n([tf.reduce_sum(tf.cast(g * v, tf.float64)) for g, v in zip(grads, vs)])
+        penalty = tf.add_n([tf.reduce_sum(tf.cast(g, tf.float64) ** 2) for g in grads])
+    return outer.gradient(product, xs), outer.gradient(penalty, xs)
+
+
+# Relative to max |result|. Half precision: the first-order dx is rounded to float16 on either
+# path before the second differentiation sees it.
+SECOND_ORDER_RTOL = {tf.float16: 2e-2, tf.float32: 1e-4, tf.float64: 1e-10}
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph", "graph-unknown-shape"])
+@pytest.mark.parametrize("dtype", [tf.float16, tf.float32, tf.float64], ids=_id)
+@pytest.mark.parametrize("allow_small_batch", [False, True])
+def test_second_order_matches_the_pure_tf_path(rng, mode, dtype, allow_small_batch):
+    ddof = int(rng.integers(0, 3))
+    shapes = [(ddof + 8, 4), (ddof + 5, 3, 2), (ddof + 17, 5)]
+    if allow_small_batch:
+        shapes.append((ddof, 3))
+    xs = [make_input(rng, s, dtype)[0] for s in shapes]
+    vs = [tf.constant(rng.standard_normal(s), dtype) for s in shapes]
+    units = [int(np.prod(s[1:])) for s in shapes]
+    weights = (tf.constant(rng.uniform(0.5, 2.0, len(shapes))),
+               tf.constant(rng.standard_normal(units[1])),
+               tf.constant(rng.standard_normal(units[1])))
+
+    def run(*tensors):
+        return _second_order(list(tensors[:len(shapes)]), list(tensors[len(shapes):]), ddof,
+                             allow_small_batch, weights)
+
+    if mode != "eager":
+        spec = (lambda s: tf.TensorSpec(None, dtype)) if mode == "graph-unknown-shape" else \
+            (lambda s: tf.TensorSpec([None, *s[1:]], dtype))
+        run = tf.function(run, input_signature=[spec(s) for s in shapes] * 2)
+    results = {}
+    for backend in BACKENDS:
+        with lbe_ops.use_backend(backend):
+            results[backend] = run(*xs, *vs)
+    for op_result, tf_result in zip(*results.values()):
+        for got, expected, shape in zip(op_result, tf_result, shapes):
+            got, expected = _f64(got), _f64(expected)
+            assert got.shape == shape and np.all(np.isfinite(got))
+            if shape[0] <= ddof:
+                assert np.all(got == 0.0) and np.all(expected == 0.0)
+                continue
+            # float16 results this small are subnormal: allow a few of their spacing, 2**-24.
+            floor = 4 * 2.0 ** -24 if dtype == tf.float16 else 0.0
+            np.testing.assert_allclose(got, expected, rtol=0, atol=SECOND_ORDER_RTOL[dtype] *
+                                       np.abs(expected).max() + floor)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ddof", [0, 1])
+@pytest.mark.parametrize("shape", [(3, 2), (12, 5), (40, 3, 3)], ids=str)
+def test_hessian_vector_product_matches_float64_differences(rng, backend, ddof, shape):
+    """H v of the entropy against central differences of the float64 numpy gradient."""
+    x, x64 = make_input(rng, shape, tf.float64)
+    v = rng.standard_normal(shape)
+    with lbe_ops.use_backend(backend):
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                h = lbe_ops.batch_entropy(x, ddof=ddof)
+            product = tf.reduce_sum(inner.gradient(h, x) * v)
+        hv = outer.gradient(product, x).numpy()
+    step = 1e-5 * np.abs(x64).max() / np.abs(v).max()
+    expected = (np_entropy_grad(x64 + step * v, ddof) - np_entropy_grad(x64 - step * v, ddof)) \
+        / (2 * step)
+    np.testing.assert_allclose(hv, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+
+
+def test_third_order_is_available_on_the_op_path(rng):
+    """The second-order partials are TF ops whose gradients exist: a third derivative works and
+    matches the pure-TF path."""
+    x = make_input(rng, (7, 3), tf.float64)[0]
+    v = tf.constant(rng.standard_normal((7, 3)))
+    results = []
+    for backend in BACKENDS:
+        with lbe_ops.use_backend(backend):
+            with tf.GradientTape() as third:
+                third.watch(x)
+                with tf.GradientTape() as second:
+                    second.watch(x)
+                    with tf.GradientTape() as first:
+                        first.watch(x)
+                        h = lbe_ops.batch_entropy(x)
+                    g = tf.reduce_sum(first.gradient(h, x) * v)
+                hv = tf.reduce_sum(second.gradient(g, x) * v)
+            results.append(third.gradient(hv, x).numpy())
+    np.testing.assert_allclose(results[0], results[1], rtol=0,
+                               atol=1e-10 * np.abs(results[1]).max())
+
+
+# ---- argument kinds ---------------------------------------------------------------------------
+
+def _ragged():
+    return tf.RaggedTensor.from_row_lengths(tf.range(10, dtype=tf.float32), [4, 1, 5])
+
+
+def _sparse():
+    return tf.sparse.from_dense(tf.eye(300))
+
+
+def _single_callers():
+    return {"batch_entropy": lbe_ops.batch_entropy,
+            "batch_entropy_moments": lbe_ops.batch_entropy_moments,
+            "reference.batch_entropy": lbe_ops.reference.batch_entropy}
+
+
+def _group_callers():
+    return {"batch_entropies": lbe_ops.batch_entropies,
+            "reference.batch_entropies": lbe_ops.reference.batch_entropies}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["list of tensors", "tuple of arrays", "list of variables",
+                                  "nested list of tensors"])
+def test_a_list_of_tensors_points_at_batch_entropies(rng, backend, kind):
+    a = rng.standard_normal((4, 3)).astype(np.float32)
+    b = rng.standard_normal((4, 3)).astype(np.float32)
+    value = {"list of tensors": [tf.constant(a), tf.constant(b)],
+             "tuple of arrays": (a, b),
+             "list of variables": [tf.Variable(a), tf.Variable(b)],
+             "nested list of tensors": [[tf.constant(a[0])], [tf.constant(b[0])]]}[kind]
+    with lbe_ops.use_backend(backend):
+        for fn in _single_callers().values():
+            with pytest.raises(TypeError, match=r"^x is a (list|tuple) of tensors or arrays.*"
+                                                r"lbe_ops\.batch_entropies"):
+                fn(value)
+        for fn in _group_callers().values():
+            with pytest.raises(TypeError, match=r"^xs\[1\] is a (list|tuple) of tensors"):
+                fn([a, value])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nested_lists_of_numbers_are_still_an_array(rng, backend):
+    data = rng.standard_normal((6, 3))
+    with lbe_ops.use_backend(backend):
+        h = lbe_ops.batch_entropy(data.tolist())
+        hs = lbe_ops.batch_entropies([data.tolist(), data.astype(np.float32)])
+    assert h.dtype == tf.float32 and hs.dtype == tf.float32  # as tf.constant(list) gives
+    np.testing.assert_allclose(float(h), np_entropy(data.astype(np.float32)), rtol=2e-5)
+    np.testing.assert_allclose(hs.numpy(), [float(h)] * 2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make, kind, advice", [
+    (_ragged, "tf.RaggedTensor", r"\.to_tensor\(\)"),
+    (_sparse, "tf.SparseTensor", r"tf\.sparse\.to_dense\("),
+], ids=["ragged", "sparse"])
+def test_ragged_and_sparse_inputs_get_an_error_naming_the_argument(backend, make, kind, advice):
+    value = make()
+    accepted = r"a dense float tensor \[batch, units\.\.\.\]"
+    with lbe_ops.use_backend(backend):
+        for fn in _single_callers().values():
+            with pytest.raises(TypeError, match=rf"^x is a {kind}") as info:
+                fn(value)
+            assert len(str(info.value)) < 400  # names the tensor, does not print it
+        for fn in _group_callers().values():
+            with pytest.raises(TypeError, match=rf"^xs\[1\] is a {kind}.*{accepted}.*{advice}"):
+                fn([tf.ones([4, 3]), value])
+            with pytest.raises(TypeError, match=rf"^xs must be a list or tuple of tensors, got "
+                                                rf"{kind.split('.')[1]}$"):
+                fn(value)
+
+
+def test_batch_entropies_of_one_tensor_points_at_batch_entropy():
+    with pytest.raises(TypeError, match=r"got EagerTensor; for the entropy of one tensor use "
+                                        r"lbe_ops\.batch_entropy\(x\)"):
+        lbe_ops.batch_entropies(tf.ones([4, 3]))
