@@ -14,7 +14,8 @@ then: in float64, on each unit's values scaled by a power of two 2^-k close to 1
 that the entropy of finite input stays finite (0.5 * ln(pi*e * var + 1) of a variance beyond the
 statistics' range is computed from var * 2^-2k) and its gradient accurate. A variance beyond the
 statistics' range comes back as +Inf. The compiled op's wide path (csrc/core/batch_entropy_wide.h)
-does the same.
+does the same. Under XLA (jit_compile) there is no such branch: there a sum of squares beyond the
+accumulator's range gives an Inf variance and entropy.
 
 With allow_small_batch, a batch B <= ddof gives entropy, mean and variance 0 with zero gradients,
 computed without control flow (XLA cannot raise a run-time error) and without a 0/0 anywhere:
@@ -105,7 +106,7 @@ _WIDE_VARIANCE_TIMES_UNITS = {tf.float32: 2.0 ** 100, tf.float64: 2.0 ** 1000}
 def _scale_exponents(values):
     """Per unit of values [B, U] (float64): k >= 0 with max |x| * 2^-k in [0.5, 1) (0 where max |x|
     is below 1 or not finite; at most 1022, so that 2^-k is a normal number), and 2^-k."""
-    max_abs = tf.reduce_max(tf.abs(values), axis=0)
+    max_abs = tf.reduce_max(tf.abs(tf.stop_gradient(values)), axis=0)  # k is piecewise constant
     scaled = tf.logical_and(tf.math.is_finite(max_abs), max_abs >= 1.0)
     exponent_bits = tf.bitwise.bitwise_and(
         tf.bitwise.right_shift(tf.bitcast(tf.where(scaled, max_abs, 1.0), tf.int64), 52), 0x7ff)
@@ -138,6 +139,10 @@ def _statistics(flat, ddof, allow_small_batch):
     acc = flat.dtype
     mean, variance = moments_fn(flat, ddof)
     fast = (mean, variance, tf.reduce_mean(entropy_from_variance(variance)))
+    if _in_xla_context():
+        # XLA cannot differentiate this cond when the batch is dynamic (the gradient's
+        # placeholders for the branch's [B, U] intermediates get a batch of 0): no wide branch.
+        return fast
     units = tf.cast(tf.shape(flat)[1], acc)
     fits = tf.logical_and(tf.reduce_all(tf.math.is_finite(variance)),
                           tf.reduce_max(variance) * units <= _WIDE_VARIANCE_TIMES_UNITS[acc])

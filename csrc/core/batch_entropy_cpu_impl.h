@@ -355,6 +355,19 @@ constexpr int64_t kNarrowVectors = 8;
 template <typename T>
 constexpr int64_t NarrowUnits() { return kNarrowVectors * Simd<typename Elem<T>::Acc>::kLanes; }
 
+// The centering passes subtract c = fl(pivot + mean) (one subtraction per element; x - c is exact
+// where x and c are within a factor of two of each other, as under a large offset) and so sum
+// (x - c)^2 = M2 + n delta^2, delta = c - (pivot + mean). delta, the rounding error of that
+// addition, is exactly (c - pivot) - mean where |pivot| >= |mean|, the case of an offset; elsewhere
+// it is tiny against the spread anyway. Returns M2 = sum - n delta^2, at least 0.
+template <typename L>
+inline typename L::V RemoveCenterError(typename L::V sum, typename L::V center, typename L::V pivot,
+                                       typename L::V mean, typename L::Acc n) {
+  const auto delta = (center - pivot) - mean;
+  const auto m2 = sum - n * (delta * delta);
+  return m2 > L::Splat(0) ? m2 : L::Splat(0);
+}
+
 // Register tiles for narrow blocks: K vectors of units (or K = 1 single units) summed over the
 // chunk's rows with the accumulators in registers, rows innermost. The arithmetic is that of
 // ChunkSum / ChunkM2 below (four rows pairwise, then into the running sum), but a unit loop over a
@@ -395,12 +408,12 @@ inline void TileM2(const T* x, int64_t cols, int64_t rb, int64_t re,
                    const typename Elem<T>::Acc* __restrict__ mean,
                    typename Elem<T>::Acc* __restrict__ m2) {
   using L = Lane<T, kVec>;
+  using Acc = typename Elem<T>::Acc;
   constexpr int64_t W = L::kWidth;
-  typename L::V acc[K], mu[K], p[K];
+  typename L::V acc[K], center[K];
   for (int k = 0; k < K; ++k) {
     acc[k] = L::Splat(0);
-    mu[k] = L::LoadAcc(mean + k * W);
-    p[k] = L::LoadAcc(pivot + k * W);
+    center[k] = L::LoadAcc(pivot + k * W) + L::LoadAcc(mean + k * W);
   }
   int64_t r = rb;
   for (; r + 4 <= re; r += 4) {
@@ -409,21 +422,22 @@ inline void TileM2(const T* x, int64_t cols, int64_t rb, int64_t re,
     const T* __restrict__ x2 = x1 + cols;
     const T* __restrict__ x3 = x2 + cols;
     for (int k = 0; k < K; ++k) {
-      const auto d0 = (L::Load(x0 + k * W) - p[k]) - mu[k];
-      const auto d1 = (L::Load(x1 + k * W) - p[k]) - mu[k];
-      const auto d2 = (L::Load(x2 + k * W) - p[k]) - mu[k];
-      const auto d3 = (L::Load(x3 + k * W) - p[k]) - mu[k];
+      const auto d0 = L::Load(x0 + k * W) - center[k], d1 = L::Load(x1 + k * W) - center[k];
+      const auto d2 = L::Load(x2 + k * W) - center[k], d3 = L::Load(x3 + k * W) - center[k];
       acc[k] = acc[k] + ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3));
     }
   }
   for (; r < re; ++r) {
     const T* __restrict__ x0 = x + r * cols;
     for (int k = 0; k < K; ++k) {
-      const auto d = (L::Load(x0 + k * W) - p[k]) - mu[k];
+      const auto d = L::Load(x0 + k * W) - center[k];
       acc[k] = acc[k] + d * d;
     }
   }
-  for (int k = 0; k < K; ++k) L::StoreAcc(m2 + k * W, acc[k]);
+  const Acc n = static_cast<Acc>(re - rb);
+  for (int k = 0; k < K; ++k)
+    L::StoreAcc(m2 + k * W, RemoveCenterError<L>(acc[k], center[k], L::LoadAcc(pivot + k * W),
+                                                  L::LoadAcc(mean + k * W), n));
 }
 
 // Both passes of one chunk of a narrow block (at most NarrowUnits<T>() units): (mean, M2) of rows
@@ -499,6 +513,7 @@ inline void ChunkM2(const T* x, int64_t cols, int64_t rb, int64_t re, int64_t wi
                     const typename Elem<T>::Acc* __restrict__ pivot,
                     const typename Elem<T>::Acc* __restrict__ mean,
                     typename Elem<T>::Acc* __restrict__ m2) {
+  using Acc = typename Elem<T>::Acc;
   ForUnits<T>(width, [&](auto vec, int64_t j) { using L = Lane<T, decltype(vec)::value>;
     L::StoreAcc(m2 + j, L::Splat(0));
   });
@@ -510,10 +525,9 @@ inline void ChunkM2(const T* x, int64_t cols, int64_t rb, int64_t re, int64_t wi
     const T* __restrict__ x3 = x2 + cols;
     ForUnits<T>(width, [&](auto vec, int64_t j) {
       using L = Lane<T, decltype(vec)::value>;
-      const auto mu = L::LoadAcc(mean + j);
-      const auto p = L::LoadAcc(pivot + j);
-      const auto d0 = (L::Load(x0 + j) - p) - mu, d1 = (L::Load(x1 + j) - p) - mu;
-      const auto d2 = (L::Load(x2 + j) - p) - mu, d3 = (L::Load(x3 + j) - p) - mu;
+      const auto c = L::LoadAcc(pivot + j) + L::LoadAcc(mean + j);
+      const auto d0 = L::Load(x0 + j) - c, d1 = L::Load(x1 + j) - c;
+      const auto d2 = L::Load(x2 + j) - c, d3 = L::Load(x3 + j) - c;
       L::StoreAcc(m2 + j, L::LoadAcc(m2 + j) + ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)));
     });
   }
@@ -521,10 +535,16 @@ inline void ChunkM2(const T* x, int64_t cols, int64_t rb, int64_t re, int64_t wi
     const T* __restrict__ x0 = x + r * cols;
     ForUnits<T>(width, [&](auto vec, int64_t j) {
       using L = Lane<T, decltype(vec)::value>;
-      const auto d = (L::Load(x0 + j) - L::LoadAcc(pivot + j)) - L::LoadAcc(mean + j);
+      const auto d = L::Load(x0 + j) - (L::LoadAcc(pivot + j) + L::LoadAcc(mean + j));
       L::StoreAcc(m2 + j, L::LoadAcc(m2 + j) + d * d);
     });
   }
+  const Acc n = static_cast<Acc>(re - rb);
+  ForUnits<T>(width, [&](auto vec, int64_t j) {
+    using L = Lane<T, decltype(vec)::value>;
+    const auto p = L::LoadAcc(pivot + j), mu = L::LoadAcc(mean + j);
+    L::StoreAcc(m2 + j, RemoveCenterError<L>(L::LoadAcc(m2 + j), p + mu, p, mu, n));
+  });
 }
 
 // Statistics of rows [r0, r1) of units [u0, u0 + width) of x ([rows, cols]), written into out;

@@ -44,12 +44,13 @@ LBE_WIDE_FN double Abs(double v) { return v < 0.0 ? -v : v; }
 LBE_WIDE_FN double Scale2(double v, int k) { return ::ldexp(v, k); }  // v * 2^k, exact when normal
 
 // The scale exponent for values whose largest magnitude is max_abs: k >= 0 with max_abs * 2^-k in
-// [0.5, 1), or 0 for values below 1, zeros, and non-finite max_abs.
+// [0.5, 1), or 0 for values below 1, zeros, and non-finite max_abs; at most 1022, so that 2^-k is
+// a normal number (a subnormal one would read as 0 where denormals are flushed).
 LBE_WIDE_FN int ScaleExponent(double max_abs) {
   if (!IsFinite(max_abs) || !(max_abs >= 1.0)) return 0;
   int k = 0;
   ::frexp(max_abs, &k);
-  return k;
+  return k > 1022 ? 1022 : k;
 }
 
 // 0.5 * ln(pi*e * var_s * 2^(2k) + 1), for a variance var_s * 2^(2k) that may not be representable.
