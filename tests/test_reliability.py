@@ -3,7 +3,7 @@
 - property-based tests (hypothesis) over shapes, dtypes, ddof, scales, offsets, dead units and
   upstream gradients into every output, against the float64 numpy reference, with error bounds
   derived from the precision the computation is done in (both backends);
-- NaN and Inf in the input: how they propagate, the same on both backends (docs/packaging.md);
+- NaN and Inf in the input: how they propagate, the same on both backends (docs/numerics.md);
 - no memory growth over 10,000 calls (RSS), many threads against one, a first load raced by
   many threads, a library with an undefined symbol (what a TensorFlow mismatch would give);
 - a SavedModel that uses the op, loaded in a fresh process after `import lbe_ops`, and what

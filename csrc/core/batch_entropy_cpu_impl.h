@@ -3,16 +3,19 @@
 // LBE_CPU_ISA names; batch_entropy_cpu.cc picks one at run time.
 //
 // Forward, per work item (a block of units over a segment of rows, see batch_entropy_cpu_plan.h):
-// for each chunk of kChunkRows rows, a sum pass and a centering pass (the chunk is still in cache
-// for the second), giving (n, mean, M2); chunks and then segments are merged pairwise (Chan et
-// al.), so a mean far larger than the spread stays exact to rounding and the error grows with
-// log(batch), not batch. Both passes walk the rows front to back, four rows at a time, with the
+// every unit is shifted by its value in row 0 (the pivot, LoadPivots), so a mean far larger than
+// the spread costs no accuracy; for each chunk of kChunkRows rows, a sum pass and a centering
+// pass (the chunk is still in cache for the second) give (n, mean, M2) of the shifted values;
+// chunks and then segments are merged pairwise (Chan et al.), so the error grows with
+// log(batch), not batch. Units whose statistics come out non-finite go to the wide path
+// (batch_entropy_wide.h, FinishBlock). Both passes walk the rows front to back, four rows at a time, with the
 // unit loop innermost and vectorized (GCC vector extensions: 256-bit AVX2 in the avx2 build, pairs
 // of SSE2 registers in the generic one); units past the last full vector take a scalar loop with
 // the same arithmetic. Narrow blocks (at most kNarrowVectors vectors of units, a deep network's
 // layers) run the same arithmetic with the rows innermost and the accumulators in registers.
 // Backward: dx = (x - mean) * s + t per unit, x read once and dx written once, a run of whole rows
 // per item where the rows are narrow enough; narrow blocks hold s, t and the means in registers.
+// Items with a variance so large that s would underflow take the wide path (WideBackwardItem).
 // Both passes prefetch the next work item while they compute (ItemPrefetcher), except the
 // backward pass of narrow blocks: there the prefetches cost as much as the loop itself when the
 // group is in the last-level cache, and gained nothing measurable when it was not.

@@ -7,16 +7,20 @@
 //
 // Forward, per block (one work item: a tile of units x a split of the batch):
 //   1. each thread walks its rows kChunkRows at a time (kChunkRows independent vector loads in
-//      flight: 16 bytes, 8 for 16-bit types), takes the exact two-pass mean and M2 of the chunk in registers, and merges it into
-//      its running (n, mean, M2) with Chan's update: offsets of 1e4 x std cost no accuracy;
+//      flight: 16 bytes, 8 for 16-bit types), takes the exact two-pass mean and M2 of the chunk in
+//      registers, of the values shifted by the unit's row-0 value (the pivot: an offset far above
+//      the spread costs no accuracy), and merges it into its running (n, mean, M2) with Chan's
+//      update;
 //   2. the block's row lanes are merged in a fixed tree in shared memory;
 //   3. a tile whose batch is not split writes mean and variance; otherwise the block writes its
 //      partial moments and the last block of the tile to finish (an atomic ticket) merges all
 //      partials in split order and writes them: deterministic whatever the arrival order;
 //   4. each tile's sum of H_j goes to the workspace; the last tile of a tensor to finish sums them
-//      in tile order and writes the entropy.
+//      in tile order and writes the entropy. A unit whose statistics are not finite is recomputed
+//      on the wide path (batch_entropy_wide.h) by the thread that finishes it.
 // Backward, per block: dx = (x - mean_j) * s_j + t_j with per-unit s_j, t_j in registers; x read
-// once and dx written once, kChunkRows vector loads in flight per thread.
+// once and dx written once, kChunkRows vector loads in flight per thread. A thread whose units
+// have a variance so large that s_j would underflow computes its rows on the wide path.
 #ifndef LBE_OPS_CORE_BATCH_ENTROPY_CUDA_KERNELS_CUH_
 #define LBE_OPS_CORE_BATCH_ENTROPY_CUDA_KERNELS_CUH_
 
@@ -31,10 +35,14 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #define LBE_DEVICE __device__ __forceinline__
+// The wide path's entry points: rarely run, kept out of line so that their registers do not
+// count against the kernels' fast paths.
+#define LBE_DEVICE_RARE __device__ __noinline__
 #define LBE_UNROLL _Pragma("unroll")
 #else
 #include "batch_entropy_cuda_emulation.h"
 #define LBE_DEVICE inline
+#define LBE_DEVICE_RARE inline
 #define LBE_UNROLL
 #endif
 
@@ -310,7 +318,7 @@ LBE_DEVICE typename Elem<E>::Acc LoadPivot(const typename Elem<E>::Bits* x, int6
 
 // The statistics of one unit on the wide path (batch_entropy_wide.h), read by this thread alone.
 template <typename E>
-LBE_DEVICE wide::UnitMoments WideUnit(const ForwardTensor& d, int64_t unit, int64_t ddof) {
+LBE_DEVICE_RARE wide::UnitMoments WideUnit(const ForwardTensor& d, int64_t unit, int64_t ddof) {
   const typename Elem<E>::Bits* column = static_cast<const typename Elem<E>::Bits*>(d.x) + unit;
   const int64_t units = d.units;
   return wide::ComputeUnitMoments(
@@ -529,7 +537,7 @@ LBE_DEVICE void BackwardChunk(const typename Elem<E>::Bits* x, typename Elem<E>:
 // in double: units whose variance is huge, or overflowed the statistics type (then this thread
 // recomputes it from the column).
 template <typename E, int V>
-LBE_DEVICE void WideBackwardRows(const BackwardParams& p, const BackwardTensor& d, int t, int64_t unit0,
+LBE_DEVICE_RARE void WideBackwardRows(const BackwardParams& p, const BackwardTensor& d, int t, int64_t unit0,
                                  int64_t row, int64_t row_end, int lanes) {
   using Acc = typename Elem<E>::Acc;
   using Bits = typename Elem<E>::Bits;

@@ -65,7 +65,7 @@ struct UnitMoments {
   double scaled_variance;  // the variance times 2^(-2k)
   int k;                   // the scale exponent
   double entropy;          // H_j
-  double Variance() const { return Scale2(scaled_variance, 2 * k); }  // +inf if out of range
+  LBE_WIDE_FN double Variance() const { return Scale2(scaled_variance, 2 * k); }  // +inf if out of range
 };
 
 // Mean, variance and entropy term of one unit, load(r) giving its value in row r (as double).
@@ -105,7 +105,7 @@ struct UnitGradient {
   double mean_c;  // mean * c
   double scale;
   double shift;
-  double Dx(double x) const { return (x * c - mean_c) * scale + shift; }
+  LBE_WIDE_FN double Dx(double x) const { return (x * c - mean_c) * scale + shift; }
 };
 
 // For a unit with the given mean and variance (variance = scaled_variance * 2^(2k)); g is the
