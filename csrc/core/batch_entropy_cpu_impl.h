@@ -362,13 +362,13 @@ constexpr int64_t NarrowUnits() { return kNarrowVectors * Simd<typename Elem<T>:
 // where x and c are within a factor of two of each other, as under a large offset) and so sum
 // (x - c)^2 = M2 + n delta^2, delta = c - (pivot + mean). delta, the rounding error of that
 // addition, is exactly (c - pivot) - mean where |pivot| >= |mean|, the case of an offset; elsewhere
-// it is tiny against the spread anyway. Returns M2 = sum - n delta^2, at least 0.
+// it is tiny against the spread anyway. Returns M2 = sum - n delta^2, at least 0 (NaN stays NaN).
 template <typename L>
 inline typename L::V RemoveCenterError(typename L::V sum, typename L::V center, typename L::V pivot,
                                        typename L::V mean, typename L::Acc n) {
   const auto delta = (center - pivot) - mean;
   const auto m2 = sum - n * (delta * delta);
-  return m2 > L::Splat(0) ? m2 : L::Splat(0);
+  return m2 < L::Splat(0) ? L::Splat(0) : m2;
 }
 
 // Register tiles for narrow blocks: K vectors of units (or K = 1 single units) summed over the

@@ -35,14 +35,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #define LBE_DEVICE __device__ __forceinline__
-// The wide path's entry points: rarely run, kept out of line so that their registers do not
-// count against the kernels' fast paths.
-#define LBE_DEVICE_RARE __device__ __noinline__
 #define LBE_UNROLL _Pragma("unroll")
 #else
 #include "batch_entropy_cuda_emulation.h"
 #define LBE_DEVICE inline
-#define LBE_DEVICE_RARE inline
 #define LBE_UNROLL
 #endif
 
@@ -316,21 +312,32 @@ LBE_DEVICE typename Elem<E>::Acc LoadPivot(const typename Elem<E>::Bits* x, int6
   return v - v == Acc(0) ? v : Acc(0);
 }
 
-// The statistics of one unit on the wide path (batch_entropy_wide.h), read by this thread alone.
+// Units unit0 + v, v in the bits of `mask`, on the wide path (batch_entropy_wide.h), read by this
+// thread alone: writes their mean and variance and returns their sum of H_j.
 template <typename E>
-LBE_DEVICE_RARE wide::UnitMoments WideUnit(const ForwardTensor& d, int64_t unit, int64_t ddof) {
-  const typename Elem<E>::Bits* column = static_cast<const typename Elem<E>::Bits*>(d.x) + unit;
-  const int64_t units = d.units;
-  return wide::ComputeUnitMoments(
-      [&](int64_t r) { return static_cast<double>(Elem<E>::ToAcc(LoadInput(column + r * units))); },
-      d.batch, ddof);
+LBE_DEVICE double FinishWideUnits(const ForwardTensor& d, int64_t unit0, unsigned mask, int64_t ddof) {
+  using Acc = typename Elem<E>::Acc;
+  using Bits = typename Elem<E>::Bits;
+  double h = 0.0;
+  for (int v = 0; mask != 0; ++v, mask >>= 1) {
+    if ((mask & 1u) == 0) continue;
+    const Bits* column = static_cast<const Bits*>(d.x) + unit0 + v;
+    const int64_t units = d.units;
+    const wide::UnitMoments w = wide::ComputeUnitMoments(
+        [&](int64_t r) { return static_cast<double>(Elem<E>::ToAcc(LoadInput(column + r * units))); }, d.batch,
+        ddof);
+    StoreOutput(static_cast<Acc*>(d.mean) + unit0 + v, static_cast<Acc>(w.mean));
+    StoreOutput(static_cast<Acc*>(d.variance) + unit0 + v, static_cast<Acc>(w.Variance()));
+    h += w.entropy;
+  }
+  return h;
 }
 
 // Writes mean and variance of the V units from unit0 on from their total moments (the mean that
-// of x - pivot); returns their sum of H_j. A unit whose statistics or H_j are not finite (an Inf
-// or NaN in the input, or a sum of squares beyond the accumulator's range) is recomputed on the
-// wide path by this thread: finite input then gets its finite entropy, and Inf and NaN give what
-// the formula's arithmetic gives.
+// of x - pivot); returns their sum of H_j. Units whose statistics or H_j are not finite (an Inf or
+// NaN in the input, or a sum of squares beyond the accumulator's range) are recomputed on the wide
+// path: finite input then gets its finite entropy, and Inf and NaN give what the formula's
+// arithmetic gives.
 template <typename E, int V>
 LBE_DEVICE double FinishUnits(const ForwardTensor& d, int64_t unit0, int64_t n, int64_t ddof,
                               const typename Elem<E>::Acc (&pivot)[V], const typename Elem<E>::Acc (&mean)[V],
@@ -341,20 +348,20 @@ LBE_DEVICE double FinishUnits(const ForwardTensor& d, int64_t unit0, int64_t n, 
   const Acc inv_dof = Acc(1) / static_cast<Acc>(n - ddof);
   const Acc pie = static_cast<Acc>(kPiE);
   double h = 0.0;
+  unsigned wide_units = 0;
   LBE_UNROLL for (int v = 0; v < V; ++v) {
-    Acc mu = pivot[v] + mean[v];
-    Acc var = m2[v] * inv_dof;
-    double hv = static_cast<double>(Acc(0.5) * Log1p(pie * var));
-    if (!(hv - hv == 0.0 && mu - mu == Acc(0))) {
-      const wide::UnitMoments w = WideUnit<E>(d, unit0 + v, ddof);
-      mu = static_cast<Acc>(w.mean);
-      var = static_cast<Acc>(w.Variance());
-      hv = w.entropy;
+    const Acc mu = pivot[v] + mean[v];
+    const Acc var = m2[v] * inv_dof;
+    const double hv = static_cast<double>(Acc(0.5) * Log1p(pie * var));
+    if (hv - hv == 0.0 && mu - mu == Acc(0)) {
+      StoreOutput(mean_out + v, mu);
+      StoreOutput(var_out + v, var);
+      h += hv;
+    } else {
+      wide_units |= 1u << v;
     }
-    StoreOutput(mean_out + v, mu);
-    StoreOutput(var_out + v, var);
-    h += hv;
   }
+  if (wide_units != 0) h += FinishWideUnits<E>(d, unit0, wide_units, ddof);
   return h;
 }
 
@@ -537,7 +544,7 @@ LBE_DEVICE void BackwardChunk(const typename Elem<E>::Bits* x, typename Elem<E>:
 // in double: units whose variance is huge, or overflowed the statistics type (then this thread
 // recomputes it from the column).
 template <typename E, int V>
-LBE_DEVICE_RARE void WideBackwardRows(const BackwardParams& p, const BackwardTensor& d, int t, int64_t unit0,
+LBE_DEVICE void WideBackwardRows(const BackwardParams& p, const BackwardTensor& d, int t, int64_t unit0,
                                  int64_t row, int64_t row_end, int lanes) {
   using Acc = typename Elem<E>::Acc;
   using Bits = typename Elem<E>::Bits;
