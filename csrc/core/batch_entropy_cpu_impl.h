@@ -3,16 +3,19 @@
 // LBE_CPU_ISA names; batch_entropy_cpu.cc picks one at run time.
 //
 // Forward, per work item (a block of units over a segment of rows, see batch_entropy_cpu_plan.h):
-// for each chunk of kChunkRows rows, a sum pass and a centering pass (the chunk is still in cache
-// for the second), giving (n, mean, M2); chunks and then segments are merged pairwise (Chan et
-// al.), so a mean far larger than the spread stays exact to rounding and the error grows with
-// log(batch), not batch. Both passes walk the rows front to back, four rows at a time, with the
+// every unit is shifted by its value in row 0 (the pivot, LoadPivots), so a mean far larger than
+// the spread costs no accuracy; for each chunk of kChunkRows rows, a sum pass and a centering
+// pass (the chunk is still in cache for the second) give (n, mean, M2) of the shifted values;
+// chunks and then segments are merged pairwise (Chan et al.), so the error grows with
+// log(batch), not batch. Units whose statistics come out non-finite go to the wide path
+// (batch_entropy_wide.h, FinishBlock). Both passes walk the rows front to back, four rows at a time, with the
 // unit loop innermost and vectorized (GCC vector extensions: 256-bit AVX2 in the avx2 build, pairs
 // of SSE2 registers in the generic one); units past the last full vector take a scalar loop with
 // the same arithmetic. Narrow blocks (at most kNarrowVectors vectors of units, a deep network's
 // layers) run the same arithmetic with the rows innermost and the accumulators in registers.
 // Backward: dx = (x - mean) * s + t per unit, x read once and dx written once, a run of whole rows
 // per item where the rows are narrow enough; narrow blocks hold s, t and the means in registers.
+// Items with a variance so large that s would underflow take the wide path (WideBackwardItem).
 // Both passes prefetch the next work item while they compute (ItemPrefetcher), except the
 // backward pass of narrow blocks: there the prefetches cost as much as the loop itself when the
 // group is in the last-level cache, and gained nothing measurable when it was not.
@@ -24,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -34,6 +38,7 @@
 #include "batch_entropy_common.h"
 #include "batch_entropy_cpu.h"
 #include "batch_entropy_cpu_plan.h"
+#include "batch_entropy_wide.h"
 
 // Everything below is internal to one translation unit (inlined, never passed across the
 // ISA boundary), so the ABI of 256-bit vectors in the generic build does not matter. (Not popped:
@@ -353,18 +358,35 @@ constexpr int64_t kNarrowVectors = 8;
 template <typename T>
 constexpr int64_t NarrowUnits() { return kNarrowVectors * Simd<typename Elem<T>::Acc>::kLanes; }
 
+// The centering passes subtract c = fl(pivot + mean) (one subtraction per element; x - c is exact
+// where x and c are within a factor of two of each other, as under a large offset) and so sum
+// (x - c)^2 = M2 + n delta^2, delta = c - (pivot + mean). delta, the rounding error of that
+// addition, is exactly (c - pivot) - mean where |pivot| >= |mean|, the case of an offset; elsewhere
+// it is tiny against the spread anyway. Returns M2 = sum - n delta^2, at least 0 (NaN stays NaN).
+template <typename L>
+inline typename L::V RemoveCenterError(typename L::V sum, typename L::V center, typename L::V pivot,
+                                       typename L::V mean, typename L::Acc n) {
+  const auto delta = (center - pivot) - mean;
+  const auto m2 = sum - n * (delta * delta);
+  return m2 < L::Splat(0) ? L::Splat(0) : m2;
+}
+
 // Register tiles for narrow blocks: K vectors of units (or K = 1 single units) summed over the
 // chunk's rows with the accumulators in registers, rows innermost. The arithmetic is that of
 // ChunkSum / ChunkM2 below (four rows pairwise, then into the running sum), but a unit loop over a
 // few vectors would carry each accumulator through a store and a reload per four rows.
 template <typename T, bool kVec, int K>
 inline void TileMean(const T* x, int64_t cols, int64_t rb, int64_t re,
-                     typename Elem<T>::Acc inv_n, typename Elem<T>::Acc* __restrict__ mean,
-                     ItemPrefetcher& next, int64_t lines_per_group) {
+                     typename Elem<T>::Acc inv_n, const typename Elem<T>::Acc* __restrict__ pivot,
+                     typename Elem<T>::Acc* __restrict__ mean, ItemPrefetcher& next,
+                     int64_t lines_per_group) {
   using L = Lane<T, kVec>;
   constexpr int64_t W = L::kWidth;
-  typename L::V acc[K];
-  for (int k = 0; k < K; ++k) acc[k] = L::Splat(0);
+  typename L::V acc[K], p[K];
+  for (int k = 0; k < K; ++k) {
+    acc[k] = L::Splat(0);
+    p[k] = L::LoadAcc(pivot + k * W);
+  }
   int64_t r = rb;
   for (; r + 4 <= re; r += 4) {
     const T* __restrict__ x0 = x + r * cols;
@@ -372,27 +394,29 @@ inline void TileMean(const T* x, int64_t cols, int64_t rb, int64_t re,
     const T* __restrict__ x2 = x1 + cols;
     const T* __restrict__ x3 = x2 + cols;
     for (int k = 0; k < K; ++k)
-      acc[k] = acc[k] + ((L::Load(x0 + k * W) + L::Load(x1 + k * W)) +
-                         (L::Load(x2 + k * W) + L::Load(x3 + k * W)));
+      acc[k] = acc[k] + (((L::Load(x0 + k * W) - p[k]) + (L::Load(x1 + k * W) - p[k])) +
+                         ((L::Load(x2 + k * W) - p[k]) + (L::Load(x3 + k * W) - p[k])));
     next.Advance(lines_per_group);
   }
   for (; r < re; ++r) {
     const T* __restrict__ x0 = x + r * cols;
-    for (int k = 0; k < K; ++k) acc[k] = acc[k] + L::Load(x0 + k * W);
+    for (int k = 0; k < K; ++k) acc[k] = acc[k] + (L::Load(x0 + k * W) - p[k]);
   }
   for (int k = 0; k < K; ++k) L::StoreAcc(mean + k * W, acc[k] * inv_n);
 }
 
 template <typename T, bool kVec, int K>
 inline void TileM2(const T* x, int64_t cols, int64_t rb, int64_t re,
+                   const typename Elem<T>::Acc* __restrict__ pivot,
                    const typename Elem<T>::Acc* __restrict__ mean,
                    typename Elem<T>::Acc* __restrict__ m2) {
   using L = Lane<T, kVec>;
+  using Acc = typename Elem<T>::Acc;
   constexpr int64_t W = L::kWidth;
-  typename L::V acc[K], mu[K];
+  typename L::V acc[K], center[K];
   for (int k = 0; k < K; ++k) {
     acc[k] = L::Splat(0);
-    mu[k] = L::LoadAcc(mean + k * W);
+    center[k] = L::LoadAcc(pivot + k * W) + L::LoadAcc(mean + k * W);
   }
   int64_t r = rb;
   for (; r + 4 <= re; r += 4) {
@@ -401,19 +425,22 @@ inline void TileM2(const T* x, int64_t cols, int64_t rb, int64_t re,
     const T* __restrict__ x2 = x1 + cols;
     const T* __restrict__ x3 = x2 + cols;
     for (int k = 0; k < K; ++k) {
-      const auto d0 = L::Load(x0 + k * W) - mu[k], d1 = L::Load(x1 + k * W) - mu[k];
-      const auto d2 = L::Load(x2 + k * W) - mu[k], d3 = L::Load(x3 + k * W) - mu[k];
+      const auto d0 = L::Load(x0 + k * W) - center[k], d1 = L::Load(x1 + k * W) - center[k];
+      const auto d2 = L::Load(x2 + k * W) - center[k], d3 = L::Load(x3 + k * W) - center[k];
       acc[k] = acc[k] + ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3));
     }
   }
   for (; r < re; ++r) {
     const T* __restrict__ x0 = x + r * cols;
     for (int k = 0; k < K; ++k) {
-      const auto d = L::Load(x0 + k * W) - mu[k];
+      const auto d = L::Load(x0 + k * W) - center[k];
       acc[k] = acc[k] + d * d;
     }
   }
-  for (int k = 0; k < K; ++k) L::StoreAcc(m2 + k * W, acc[k]);
+  const Acc n = static_cast<Acc>(re - rb);
+  for (int k = 0; k < K; ++k)
+    L::StoreAcc(m2 + k * W, RemoveCenterError<L>(acc[k], center[k], L::LoadAcc(pivot + k * W),
+                                                  L::LoadAcc(mean + k * W), n));
 }
 
 // Both passes of one chunk of a narrow block (at most NarrowUnits<T>() units): (mean, M2) of rows
@@ -422,6 +449,7 @@ inline void TileM2(const T* x, int64_t cols, int64_t rb, int64_t re,
 // of at most four vectors (accumulators and means in registers).
 template <typename T>
 inline void NarrowChunk(const T* x, int64_t cols, int64_t rb, int64_t re, int64_t width,
+                        const typename Elem<T>::Acc* __restrict__ pivot,
                         typename Elem<T>::Acc* __restrict__ mean,
                         typename Elem<T>::Acc* __restrict__ m2, ItemPrefetcher& next,
                         int64_t lines_per_group) {
@@ -431,28 +459,29 @@ inline void NarrowChunk(const T* x, int64_t cols, int64_t rb, int64_t re, int64_
   const int64_t vectors = width / W;
   switch (vectors) {
 #define LBE_NARROW_CASE(K) \
-    case K: TileMean<T, true, K>(x, cols, rb, re, inv_n, mean, next, lines_per_group); break;
+    case K: TileMean<T, true, K>(x, cols, rb, re, inv_n, pivot, mean, next, lines_per_group); break;
     LBE_NARROW_CASE(1) LBE_NARROW_CASE(2) LBE_NARROW_CASE(3) LBE_NARROW_CASE(4)
     LBE_NARROW_CASE(5) LBE_NARROW_CASE(6) LBE_NARROW_CASE(7) LBE_NARROW_CASE(8)
 #undef LBE_NARROW_CASE
     default: break;
   }
   for (int64_t j = vectors * W; j < width; ++j)
-    TileMean<T, false, 1>(x + j, cols, rb, re, inv_n, mean + j, next, 0);
+    TileMean<T, false, 1>(x + j, cols, rb, re, inv_n, pivot + j, mean + j, next, 0);
   int64_t j = 0;
-  for (; j + 4 * W <= width; j += 4 * W) TileM2<T, true, 4>(x + j, cols, rb, re, mean + j, m2 + j);
+  for (; j + 4 * W <= width; j += 4 * W) TileM2<T, true, 4>(x + j, cols, rb, re, pivot + j, mean + j, m2 + j);
   switch ((width - j) / W) {
-    case 3: TileM2<T, true, 3>(x + j, cols, rb, re, mean + j, m2 + j); j += 3 * W; break;
-    case 2: TileM2<T, true, 2>(x + j, cols, rb, re, mean + j, m2 + j); j += 2 * W; break;
-    case 1: TileM2<T, true, 1>(x + j, cols, rb, re, mean + j, m2 + j); j += W; break;
+    case 3: TileM2<T, true, 3>(x + j, cols, rb, re, pivot + j, mean + j, m2 + j); j += 3 * W; break;
+    case 2: TileM2<T, true, 2>(x + j, cols, rb, re, pivot + j, mean + j, m2 + j); j += 2 * W; break;
+    case 1: TileM2<T, true, 1>(x + j, cols, rb, re, pivot + j, mean + j, m2 + j); j += W; break;
     default: break;
   }
-  for (; j < width; ++j) TileM2<T, false, 1>(x + j, cols, rb, re, mean + j, m2 + j);
+  for (; j < width; ++j) TileM2<T, false, 1>(x + j, cols, rb, re, pivot + j, mean + j, m2 + j);
 }
 
 // Sum pass over rows [rb, re) of one chunk: sum[j] = sum of x[r, j], four rows at a time.
 template <typename T>
 inline void ChunkSum(const T* x, int64_t cols, int64_t rb, int64_t re, int64_t width,
+                     const typename Elem<T>::Acc* __restrict__ pivot,
                      typename Elem<T>::Acc* __restrict__ sum, ItemPrefetcher& next,
                      int64_t lines_per_group) {
   ForUnits<T>(width, [&](auto vec, int64_t j) { using L = Lane<T, decltype(vec)::value>;
@@ -466,8 +495,9 @@ inline void ChunkSum(const T* x, int64_t cols, int64_t rb, int64_t re, int64_t w
     const T* __restrict__ x3 = x2 + cols;
     ForUnits<T>(width, [&](auto vec, int64_t j) {
       using L = Lane<T, decltype(vec)::value>;
-      L::StoreAcc(sum + j, L::LoadAcc(sum + j) + ((L::Load(x0 + j) + L::Load(x1 + j)) +
-                                                  (L::Load(x2 + j) + L::Load(x3 + j))));
+      const auto p = L::LoadAcc(pivot + j);
+      L::StoreAcc(sum + j, L::LoadAcc(sum + j) + (((L::Load(x0 + j) - p) + (L::Load(x1 + j) - p)) +
+                                                  ((L::Load(x2 + j) - p) + (L::Load(x3 + j) - p))));
     });
     next.Advance(lines_per_group);
   }
@@ -475,7 +505,7 @@ inline void ChunkSum(const T* x, int64_t cols, int64_t rb, int64_t re, int64_t w
     const T* __restrict__ x0 = x + r * cols;
     ForUnits<T>(width, [&](auto vec, int64_t j) {
       using L = Lane<T, decltype(vec)::value>;
-      L::StoreAcc(sum + j, L::LoadAcc(sum + j) + L::Load(x0 + j));
+      L::StoreAcc(sum + j, L::LoadAcc(sum + j) + (L::Load(x0 + j) - L::LoadAcc(pivot + j)));
     });
   }
 }
@@ -483,8 +513,10 @@ inline void ChunkSum(const T* x, int64_t cols, int64_t rb, int64_t re, int64_t w
 // Centering pass: m2[j] = sum of (x[r, j] - mean[j])^2 over the chunk, four rows at a time.
 template <typename T>
 inline void ChunkM2(const T* x, int64_t cols, int64_t rb, int64_t re, int64_t width,
+                    const typename Elem<T>::Acc* __restrict__ pivot,
                     const typename Elem<T>::Acc* __restrict__ mean,
                     typename Elem<T>::Acc* __restrict__ m2) {
+  using Acc = typename Elem<T>::Acc;
   ForUnits<T>(width, [&](auto vec, int64_t j) { using L = Lane<T, decltype(vec)::value>;
     L::StoreAcc(m2 + j, L::Splat(0));
   });
@@ -496,9 +528,9 @@ inline void ChunkM2(const T* x, int64_t cols, int64_t rb, int64_t re, int64_t wi
     const T* __restrict__ x3 = x2 + cols;
     ForUnits<T>(width, [&](auto vec, int64_t j) {
       using L = Lane<T, decltype(vec)::value>;
-      const auto mu = L::LoadAcc(mean + j);
-      const auto d0 = L::Load(x0 + j) - mu, d1 = L::Load(x1 + j) - mu;
-      const auto d2 = L::Load(x2 + j) - mu, d3 = L::Load(x3 + j) - mu;
+      const auto c = L::LoadAcc(pivot + j) + L::LoadAcc(mean + j);
+      const auto d0 = L::Load(x0 + j) - c, d1 = L::Load(x1 + j) - c;
+      const auto d2 = L::Load(x2 + j) - c, d3 = L::Load(x3 + j) - c;
       L::StoreAcc(m2 + j, L::LoadAcc(m2 + j) + ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)));
     });
   }
@@ -506,17 +538,24 @@ inline void ChunkM2(const T* x, int64_t cols, int64_t rb, int64_t re, int64_t wi
     const T* __restrict__ x0 = x + r * cols;
     ForUnits<T>(width, [&](auto vec, int64_t j) {
       using L = Lane<T, decltype(vec)::value>;
-      const auto d = L::Load(x0 + j) - L::LoadAcc(mean + j);
+      const auto d = L::Load(x0 + j) - (L::LoadAcc(pivot + j) + L::LoadAcc(mean + j));
       L::StoreAcc(m2 + j, L::LoadAcc(m2 + j) + d * d);
     });
   }
+  const Acc n = static_cast<Acc>(re - rb);
+  ForUnits<T>(width, [&](auto vec, int64_t j) {
+    using L = Lane<T, decltype(vec)::value>;
+    const auto p = L::LoadAcc(pivot + j), mu = L::LoadAcc(mean + j);
+    L::StoreAcc(m2 + j, RemoveCenterError<L>(L::LoadAcc(m2 + j), p + mu, p, mu, n));
+  });
 }
 
-// Statistics of rows [r0, r1) of units [u0, u0 + width) of x ([rows, cols]), written into out.
+// Statistics of rows [r0, r1) of units [u0, u0 + width) of x ([rows, cols]), written into out;
+// the mean is that of x - pivot.
 template <typename T>
 void BlockMoments(const T* x, int64_t cols, int64_t u0, int64_t width, int64_t r0, int64_t r1,
-                  typename Elem<T>::Acc* out_mean, typename Elem<T>::Acc* out_m2, int64_t* out_n,
-                  ItemPrefetcher& next) {
+                  const typename Elem<T>::Acc* pivot, typename Elem<T>::Acc* out_mean,
+                  typename Elem<T>::Acc* out_m2, int64_t* out_n, ItemPrefetcher& next) {
   using Acc = typename Elem<T>::Acc;
   const int64_t chunks = (r1 - r0 + kChunkRows - 1) / kChunkRows;
   const T* base = x + u0;
@@ -525,17 +564,17 @@ void BlockMoments(const T* x, int64_t cols, int64_t u0, int64_t width, int64_t r
   const bool narrow = width <= NarrowUnits<T>();
   if (chunks == 1) {  // one chunk: straight into the outputs
     if (narrow) {
-      NarrowChunk<T>(base, cols, r0, r1, width, out_mean, out_m2, next, lines_per_group);
+      NarrowChunk<T>(base, cols, r0, r1, width, pivot, out_mean, out_m2, next, lines_per_group);
       *out_n = r1 - r0;
       return;
     }
-    ChunkSum<T>(base, cols, r0, r1, width, out_mean, next, lines_per_group);
+    ChunkSum<T>(base, cols, r0, r1, width, pivot, out_mean, next, lines_per_group);
     const Acc inv_n = Acc(1) / static_cast<Acc>(r1 - r0);
     ForUnits<T>(width, [&](auto vec, int64_t j) {
       using L = Lane<T, decltype(vec)::value>;
       L::StoreAcc(out_mean + j, L::LoadAcc(out_mean + j) * inv_n);
     });
-    ChunkM2<T>(base, cols, r0, r1, width, out_mean, out_m2);
+    ChunkM2<T>(base, cols, r0, r1, width, pivot, out_mean, out_m2);
     *out_n = r1 - r0;
     return;
   }
@@ -546,18 +585,18 @@ void BlockMoments(const T* x, int64_t cols, int64_t u0, int64_t width, int64_t r
     const int64_t re = std::min(r1, rb + kChunkRows);
     Moments<Acc> m = merger.Slot();
     if (narrow) {
-      NarrowChunk<T>(base, cols, rb, re, width, m.mean, m.m2, next, lines_per_group);
+      NarrowChunk<T>(base, cols, rb, re, width, pivot, m.mean, m.m2, next, lines_per_group);
       m.n = re - rb;
       merger.Push(m);
       continue;
     }
-    ChunkSum<T>(base, cols, rb, re, width, m.mean, next, lines_per_group);
+    ChunkSum<T>(base, cols, rb, re, width, pivot, m.mean, next, lines_per_group);
     const Acc inv_n = Acc(1) / static_cast<Acc>(re - rb);
     ForUnits<T>(width, [&](auto vec, int64_t j) {
       using L = Lane<T, decltype(vec)::value>;
       L::StoreAcc(m.mean + j, L::LoadAcc(m.mean + j) * inv_n);
     });
-    ChunkM2<T>(base, cols, rb, re, width, m.mean, m.m2);
+    ChunkM2<T>(base, cols, rb, re, width, pivot, m.mean, m.m2);
     m.n = re - rb;
     merger.Push(m);
   }
@@ -591,9 +630,21 @@ inline D4 Log1pFloatPrecision(D4 z) {
   return result;
 }
 
+// Pivots of units [u0, u0 + width) of x ([rows, cols]): their values in row 0, or 0 where that is
+// not finite (x - Inf would turn every value of the unit into NaN). Every row segment of a unit
+// shifts by the same pivot, so segments merge as usual.
+template <typename T>
+inline void LoadPivots(const T* x, int64_t u0, int64_t width, typename Elem<T>::Acc* pivot) {
+  using Acc = typename Elem<T>::Acc;
+  for (int64_t j = 0; j < width; ++j) {
+    const Acc v = Elem<T>::Load(x + u0 + j);
+    pivot[j] = v - v == Acc(0) ? v : Acc(0);
+  }
+}
+
 // Turns M2 into the variance in place and returns the block's sum of unit entropies.
 template <typename Acc>
-double FinishBlock(Acc* variance_inout, int64_t width, int64_t n, int64_t ddof) {
+double EntropyOfBlock(Acc* variance_inout, int64_t width, int64_t n, int64_t ddof) {
   const Acc inv_dof = Acc(1) / static_cast<Acc>(n - ddof);
   const Acc pie = static_cast<Acc>(kPiE);
   double sum = 0.0;
@@ -628,6 +679,38 @@ double FinishBlock(Acc* variance_inout, int64_t width, int64_t n, int64_t ddof) 
     }
   }
   return sum;
+}
+
+// Finishes a block of units [u0, u0 + width) of x ([rows, cols]) whose shifted moments over all
+// rows are in mean_inout (mean of x - pivot) and var_inout (M2): writes the mean and the variance
+// and returns the block's sum of unit entropies. A non-finite sum (an Inf or NaN in the input, a
+// sum of squares beyond the accumulator's range, or pi*e*var beyond it) sends the units whose
+// statistics are not finite to the wide path (batch_entropy_wide.h), which gives the finite
+// entropy of finite input and the formula's NaN and Inf otherwise.
+template <typename T>
+double FinishBlock(const T* x, int64_t rows, int64_t cols, int64_t u0, int64_t width, int64_t ddof,
+                   const typename Elem<T>::Acc* pivot, typename Elem<T>::Acc* mean_inout,
+                   typename Elem<T>::Acc* var_inout) {
+  using Acc = typename Elem<T>::Acc;
+  for (int64_t j = 0; j < width; ++j) mean_inout[j] += pivot[j];
+  const double sum = EntropyOfBlock<Acc>(var_inout, width, rows, ddof);
+  if (sum - sum == 0.0) return sum;
+  const Acc pie = static_cast<Acc>(kPiE);
+  double wide_sum = 0.0;
+  for (int64_t j = 0; j < width; ++j) {
+    const Acc v = var_inout[j], z = pie * v, m = mean_inout[j];
+    if (z - z == Acc(0) && m - m == Acc(0)) {
+      wide_sum += 0.5 * std::log1p(static_cast<double>(z));
+      continue;
+    }
+    const T* column = x + u0 + j;
+    const wide::UnitMoments wm = wide::ComputeUnitMoments(
+        [&](int64_t r) { return static_cast<double>(Elem<T>::Load(column + r * cols)); }, rows, ddof);
+    mean_inout[j] = static_cast<Acc>(wm.mean);
+    var_inout[j] = static_cast<Acc>(wm.Variance());
+    wide_sum += wm.entropy;
+  }
+  return wide_sum;
 }
 
 // Runs fn(item) for every item of the plan, shard by shard on the thread pool; a plan of one shard
@@ -665,18 +748,22 @@ void ForwardTyped(const ForwardArgs& args, const ParallelFor& parallel_for) {
       next = ItemPrefetcher(args.x[n.tensor], args.units[n.tensor], n, false, T{});
     }
     const T* x = static_cast<const T*>(args.x[item.tensor]);
+    const int64_t cols = args.units[item.tensor];
     const int64_t width = item.unit_end - item.unit_begin;
+    alignas(32) Acc pivot[kForwardBlockUnits];
+    LoadPivots<T>(x, item.unit_begin, width, pivot);
     if (item.num_segments == 1) {
       Acc* mean = static_cast<Acc*>(args.mean[item.tensor]) + item.unit_begin;
       Acc* var = static_cast<Acc*>(args.variance[item.tensor]) + item.unit_begin;
       int64_t n = 0;
-      BlockMoments<T>(x, args.units[item.tensor], item.unit_begin, width, item.row_begin,
-                      item.row_end, mean, var, &n, next);
-      block_entropy[item.block] = FinishBlock<Acc>(var, width, n, args.ddof);
+      BlockMoments<T>(x, cols, item.unit_begin, width, item.row_begin, item.row_end, pivot, mean,
+                      var, &n, next);
+      block_entropy[item.block] = FinishBlock<T>(x, n, cols, item.unit_begin, width, args.ddof,
+                                                 pivot, mean, var);
     } else {
-      BlockMoments<T>(x, args.units[item.tensor], item.unit_begin, width, item.row_begin,
-                      item.row_end, partial_mean + item.partial_offset,
-                      partial_m2 + item.partial_offset, &partial_n[i], next);
+      BlockMoments<T>(x, cols, item.unit_begin, width, item.row_begin, item.row_end, pivot,
+                      partial_mean + item.partial_offset, partial_m2 + item.partial_offset,
+                      &partial_n[i], next);
     }
   });
 
@@ -700,7 +787,11 @@ void ForwardTyped(const ForwardArgs& args, const ParallelFor& parallel_for) {
       Acc* var = static_cast<Acc*>(args.variance[info.tensor]) + info.unit_begin;
       std::memcpy(mean, total.mean, sizeof(Acc) * width);
       std::memcpy(var, total.m2, sizeof(Acc) * width);
-      block_entropy[b] = FinishBlock<Acc>(var, width, total.n, args.ddof);
+      const T* x = static_cast<const T*>(args.x[info.tensor]);
+      alignas(32) Acc pivot[kForwardBlockUnits];
+      LoadPivots<T>(x, info.unit_begin, width, pivot);
+      block_entropy[b] = FinishBlock<T>(x, total.n, args.units[info.tensor], info.unit_begin,
+                                        width, args.ddof, pivot, mean, var);
     };
     // Merging touches 2 * partial_elements values: on the pool only when that is real work.
     const int64_t num_blocks = static_cast<int64_t>(plan.blocks.size());
@@ -766,6 +857,47 @@ inline void NarrowBackward(const T* x, T* dx, int64_t cols, int64_t rb, int64_t 
   }
 }
 
+// Rows [rb, re) of units [u0, u0 + width) of tensor t on the wide path, in double: units whose
+// variance is huge (or overflowed the statistics type: then it is recomputed from the column).
+template <typename T>
+void WideBackwardItem(const BackwardArgs& args, int64_t t, int64_t u0, int64_t width, int64_t rb,
+                      int64_t re) {
+  using Acc = typename Elem<T>::Acc;
+  const int64_t rows = args.batch[t], cols = args.units[t];
+  const T* x = static_cast<const T*>(args.x[t]);
+  T* dx = static_cast<T*>(args.dx[t]);
+  const Acc* mean = static_cast<const Acc*>(args.mean[t]);
+  const Acc* var = static_cast<const Acc*>(args.variance[t]);
+  const Acc* grad_mean = args.grad_mean ? static_cast<const Acc*>(args.grad_mean[t]) : nullptr;
+  const Acc* grad_var = args.grad_variance ? static_cast<const Acc*>(args.grad_variance[t]) : nullptr;
+  const double g = static_cast<double>(Elem<T>::Load(static_cast<const T*>(args.grad_entropy) + t));
+  const double dof = static_cast<double>(rows - args.ddof);
+  for (int64_t j = u0; j < u0 + width; ++j) {
+    const double v = static_cast<double>(var[j]);
+    double scaled_variance = v;
+    int k = 0;
+    if (v == static_cast<double>(std::numeric_limits<Acc>::infinity())) {
+      const T* column = x + j;
+      const wide::UnitMoments wm = wide::ComputeUnitMoments(
+          [&](int64_t r) { return static_cast<double>(Elem<T>::Load(column + r * cols)); }, rows,
+          args.ddof);
+      scaled_variance = wm.scaled_variance;
+      k = wm.k;
+    } else {
+      k = wide::VarianceExponent(v);
+      scaled_variance = wide::Scale2(v, -2 * k);
+    }
+    const wide::UnitGradient u = wide::ComputeUnitGradient(
+        static_cast<double>(mean[j]), scaled_variance, k, g, static_cast<double>(cols), dof,
+        grad_var ? static_cast<double>(grad_var[j]) : 0.0,
+        grad_mean ? static_cast<double>(grad_mean[j]) : 0.0, static_cast<double>(rows));
+    for (int64_t r = rb; r < re; ++r) {
+      const double xv = static_cast<double>(Elem<T>::Load(x + r * cols + j));
+      Elem<T>::Store(dx + r * cols + j, static_cast<Acc>(u.Dx(xv)));
+    }
+  }
+}
+
 template <typename T>
 void BackwardTyped(const BackwardArgs& args, const ParallelFor& parallel_for) {
   using Acc = typename Elem<T>::Acc;
@@ -796,15 +928,28 @@ void BackwardTyped(const BackwardArgs& args, const ParallelFor& parallel_for) {
     const Acc mean_factor = static_cast<Acc>(1.0 / static_cast<double>(rows));
     const Acc pie = static_cast<Acc>(kPiE);
     const Acc numerator = g * entropy_factor;
+    // The largest variance of the item, NaN ignored: above the threshold the factor s loses
+    // precision or underflows, and the item takes the wide path.
+    typename Simd<Acc>::V max_var_v = Lane<T, true>::Splat(Acc(0));
+    Acc max_var = Acc(0);
     ForUnits<T>(width, [&](auto vec, int64_t j) {
       using L = Lane<T, decltype(vec)::value>;
-      auto s = L::Splat(numerator) / (pie * L::LoadAcc(var + j) + Acc(1));
+      const auto v = L::LoadAcc(var + j);
+      auto s = L::Splat(numerator) / (pie * v + Acc(1));
       if (grad_var) s += L::LoadAcc(grad_var + j) * var_factor;
       L::StoreAcc(scale + j, s);
       L::StoreAcc(shift + j, grad_mean ? L::LoadAcc(grad_mean + j) * mean_factor : L::Splat(Acc(0)));
+      if constexpr (decltype(vec)::value) max_var_v = v > max_var_v ? v : max_var_v;
+      else max_var = v > max_var ? v : max_var;
     });
+    for (int64_t k = 0; k < Simd<Acc>::kLanes; ++k) max_var = std::max(max_var, max_var_v[k]);
     const T* x = static_cast<const T*>(args.x[t]) + u0;
     T* dx = static_cast<T*>(args.dx[t]) + u0;
+    if (static_cast<double>(max_var) >
+        wide::WideVarianceThreshold(static_cast<double>(numerator), std::is_same_v<Acc, double>)) {
+      WideBackwardItem<T>(args, t, u0, width, item.row_begin, item.row_end);
+      return;
+    }
     if (width <= NarrowUnits<T>()) {
       NarrowBackward<T>(x, dx, cols, item.row_begin, item.row_end, width, mean, scale, shift);
       return;

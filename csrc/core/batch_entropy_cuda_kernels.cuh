@@ -7,16 +7,20 @@
 //
 // Forward, per block (one work item: a tile of units x a split of the batch):
 //   1. each thread walks its rows kChunkRows at a time (kChunkRows independent vector loads in
-//      flight: 16 bytes, 8 for 16-bit types), takes the exact two-pass mean and M2 of the chunk in registers, and merges it into
-//      its running (n, mean, M2) with Chan's update: offsets of 1e4 x std cost no accuracy;
+//      flight: 16 bytes, 8 for 16-bit types), takes the exact two-pass mean and M2 of the chunk in
+//      registers, of the values shifted by the unit's row-0 value (the pivot: an offset far above
+//      the spread costs no accuracy), and merges it into its running (n, mean, M2) with Chan's
+//      update;
 //   2. the block's row lanes are merged in a fixed tree in shared memory;
 //   3. a tile whose batch is not split writes mean and variance; otherwise the block writes its
 //      partial moments and the last block of the tile to finish (an atomic ticket) merges all
 //      partials in split order and writes them: deterministic whatever the arrival order;
 //   4. each tile's sum of H_j goes to the workspace; the last tile of a tensor to finish sums them
-//      in tile order and writes the entropy.
+//      in tile order and writes the entropy. A unit whose statistics are not finite is recomputed
+//      on the wide path (batch_entropy_wide.h) by the thread that finishes it.
 // Backward, per block: dx = (x - mean_j) * s_j + t_j with per-unit s_j, t_j in registers; x read
-// once and dx written once, kChunkRows vector loads in flight per thread.
+// once and dx written once, kChunkRows vector loads in flight per thread. A thread whose units
+// have a variance so large that s_j would underflow computes its rows on the wide path.
 #ifndef LBE_OPS_CORE_BATCH_ENTROPY_CUDA_KERNELS_CUH_
 #define LBE_OPS_CORE_BATCH_ENTROPY_CUDA_KERNELS_CUH_
 
@@ -24,6 +28,7 @@
 
 #include "batch_entropy_common.h"
 #include "batch_entropy_cuda_plan.h"
+#include "batch_entropy_wide.h"
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
@@ -206,7 +211,8 @@ struct ForwardShared {
 // One chunk of up to kChunkRows rows, `step` elements apart, starting at p: its exact two-pass
 // moments, merged into the thread's running moments.
 template <typename E, int V, bool kFull>
-LBE_DEVICE void AccumulateChunk(const typename Elem<E>::Bits* p, int64_t step, int rows, int64_t& n,
+LBE_DEVICE void AccumulateChunk(const typename Elem<E>::Bits* p, int64_t step, int rows,
+                                const typename Elem<E>::Acc (&pivot)[V], int64_t& n,
                                 typename Elem<E>::Acc (&mean)[V], typename Elem<E>::Acc (&m2)[V]) {
   using Acc = typename Elem<E>::Acc;
   using Bits = typename Elem<E>::Bits;
@@ -222,8 +228,9 @@ LBE_DEVICE void AccumulateChunk(const typename Elem<E>::Bits* p, int64_t step, i
   Acc chunk_mean[V], chunk_m2[V];
   LBE_UNROLL for (int v = 0; v < V; ++v) {
     static_assert(kChunkRows == 8, "the pairwise sum below is written for 8 rows");
-    Acc x[kChunkRows];
-    LBE_UNROLL for (int k = 0; k < kChunkRows; ++k) x[k] = Elem<E>::ToAcc(raw[k][v]);
+    Acc x[kChunkRows];  // shifted by the unit's pivot; rows past the chunk's end are 0
+    LBE_UNROLL for (int k = 0; k < kChunkRows; ++k)
+      x[k] = (kFull || k < rows) ? Elem<E>::ToAcc(raw[k][v]) - pivot[v] : Acc(0);
     const Acc s = ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
     chunk_mean[v] = s * inv_rows;
     Acc q = Acc(0);
@@ -236,19 +243,20 @@ LBE_DEVICE void AccumulateChunk(const typename Elem<E>::Bits* p, int64_t step, i
   MergeMoments<Acc, V>(n, mean, m2, rows, chunk_mean, chunk_m2);
 }
 
-// Moments of the thread's rows row, row + lanes, ... < row_end of the V units at x + unit0.
+// Moments of the thread's rows row, row + lanes, ... < row_end of the V units at x + unit0, the
+// mean that of x - pivot.
 template <typename E, int V>
 LBE_DEVICE void ThreadMoments(const typename Elem<E>::Bits* x, int64_t units, int64_t unit0, int64_t row,
-                              int64_t row_end, int lanes, int64_t& n, typename Elem<E>::Acc (&mean)[V],
-                              typename Elem<E>::Acc (&m2)[V]) {
+                              int64_t row_end, int lanes, const typename Elem<E>::Acc (&pivot)[V], int64_t& n,
+                              typename Elem<E>::Acc (&mean)[V], typename Elem<E>::Acc (&m2)[V]) {
   const int64_t step = static_cast<int64_t>(lanes) * units;
   const typename Elem<E>::Bits* p = x + row * units + unit0;
   const int64_t chunk_rows = static_cast<int64_t>(kChunkRows) * lanes;
   for (; row + (kChunkRows - 1) * static_cast<int64_t>(lanes) < row_end; row += chunk_rows, p += kChunkRows * step)
-    AccumulateChunk<E, V, true>(p, step, kChunkRows, n, mean, m2);
+    AccumulateChunk<E, V, true>(p, step, kChunkRows, pivot, n, mean, m2);
   if (row < row_end) {
     const int rows = static_cast<int>((row_end - row + lanes - 1) / lanes);
-    AccumulateChunk<E, V, false>(p, step, rows, n, mean, m2);
+    AccumulateChunk<E, V, false>(p, step, rows, pivot, n, mean, m2);
   }
 }
 
@@ -295,19 +303,65 @@ LBE_DEVICE double BlockSum(ForwardShared<E>& sm, int tid, double value) {
   return tid == 0 ? sm.sum[0] : 0.0;
 }
 
-// Writes mean and variance of V units from their total moments; returns their sum of H_j.
-template <typename Acc, int V>
-LBE_DEVICE double FinishUnits(Acc* mean_out, Acc* var_out, int64_t n, int64_t ddof, const Acc (&mean)[V],
-                              const Acc (&m2)[V]) {
+// The pivot of a unit: its value in row 0, or 0 where that is not finite (x - Inf would turn every
+// value of the unit into NaN). Every split of a unit shifts by the same pivot.
+template <typename E>
+LBE_DEVICE typename Elem<E>::Acc LoadPivot(const typename Elem<E>::Bits* x, int64_t unit) {
+  using Acc = typename Elem<E>::Acc;
+  const Acc v = Elem<E>::ToAcc(LoadInput(x + unit));
+  return v - v == Acc(0) ? v : Acc(0);
+}
+
+// Units unit0 + v, v in the bits of `mask`, on the wide path (batch_entropy_wide.h), read by this
+// thread alone: writes their mean and variance and returns their sum of H_j.
+template <typename E>
+LBE_DEVICE double FinishWideUnits(const ForwardTensor& d, int64_t unit0, unsigned mask, int64_t ddof) {
+  using Acc = typename Elem<E>::Acc;
+  using Bits = typename Elem<E>::Bits;
+  double h = 0.0;
+  for (int v = 0; mask != 0; ++v, mask >>= 1) {
+    if ((mask & 1u) == 0) continue;
+    const Bits* column = static_cast<const Bits*>(d.x) + unit0 + v;
+    const int64_t units = d.units;
+    const wide::UnitMoments w = wide::ComputeUnitMoments(
+        [&](int64_t r) { return static_cast<double>(Elem<E>::ToAcc(LoadInput(column + r * units))); }, d.batch,
+        ddof);
+    StoreOutput(static_cast<Acc*>(d.mean) + unit0 + v, static_cast<Acc>(w.mean));
+    StoreOutput(static_cast<Acc*>(d.variance) + unit0 + v, static_cast<Acc>(w.Variance()));
+    h += w.entropy;
+  }
+  return h;
+}
+
+// Writes mean and variance of the V units from unit0 on from their total moments (the mean that
+// of x - pivot); returns their sum of H_j. Units whose statistics or H_j are not finite (an Inf or
+// NaN in the input, or a sum of squares beyond the accumulator's range) are recomputed on the wide
+// path: finite input then gets its finite entropy, and Inf and NaN give what the formula's
+// arithmetic gives.
+template <typename E, int V>
+LBE_DEVICE double FinishUnits(const ForwardTensor& d, int64_t unit0, int64_t n, int64_t ddof,
+                              const typename Elem<E>::Acc (&pivot)[V], const typename Elem<E>::Acc (&mean)[V],
+                              const typename Elem<E>::Acc (&m2)[V]) {
+  using Acc = typename Elem<E>::Acc;
+  Acc* mean_out = static_cast<Acc*>(d.mean) + unit0;
+  Acc* var_out = static_cast<Acc*>(d.variance) + unit0;
   const Acc inv_dof = Acc(1) / static_cast<Acc>(n - ddof);
   const Acc pie = static_cast<Acc>(kPiE);
   double h = 0.0;
+  unsigned wide_units = 0;
   LBE_UNROLL for (int v = 0; v < V; ++v) {
+    const Acc mu = pivot[v] + mean[v];
     const Acc var = m2[v] * inv_dof;
-    StoreOutput(mean_out + v, mean[v]);
-    StoreOutput(var_out + v, var);
-    h += static_cast<double>(Acc(0.5) * Log1p(pie * var));
+    const double hv = static_cast<double>(Acc(0.5) * Log1p(pie * var));
+    if (hv - hv == 0.0 && mu - mu == Acc(0)) {
+      StoreOutput(mean_out + v, mu);
+      StoreOutput(var_out + v, var);
+      h += hv;
+    } else {
+      wide_units |= 1u << v;
+    }
   }
+  if (wide_units != 0) h += FinishWideUnits<E>(d, unit0, wide_units, ddof);
   return h;
 }
 
@@ -364,18 +418,18 @@ LBE_DEVICE void ForwardItem(ForwardShared<E>& sm, const ForwardParams& p, const 
   const int64_t row_end = row_begin + d.rows_per_split < d.batch ? row_begin + d.rows_per_split : d.batch;
 
   int64_t n = 0;
-  Acc mean[V], m2[V];
-  LBE_UNROLL for (int v = 0; v < V; ++v) mean[v] = m2[v] = Acc(0);
-  if (col_valid)
-    ThreadMoments<E, V>(static_cast<const Bits*>(d.x), d.units, unit0, row_begin + row_lane, row_end, lanes, n,
-                        mean, m2);
+  Acc mean[V], m2[V], pivot[V];
+  LBE_UNROLL for (int v = 0; v < V; ++v) mean[v] = m2[v] = pivot[v] = Acc(0);
+  if (col_valid) {
+    LBE_UNROLL for (int v = 0; v < V; ++v) pivot[v] = LoadPivot<E>(static_cast<const Bits*>(d.x), unit0 + v);
+    ThreadMoments<E, V>(static_cast<const Bits*>(d.x), d.units, unit0, row_begin + row_lane, row_end, lanes,
+                        pivot, n, mean, m2);
+  }
   ReduceLanes<E, V>(sm, tid, row_lane, lanes, lp, n, mean, m2);
 
   if (d.splits == 1) {
     double h = 0.0;
-    if (row_lane == 0 && col_valid)
-      h = FinishUnits<Acc, V>(static_cast<Acc*>(d.mean) + unit0, static_cast<Acc*>(d.variance) + unit0, n,
-                              p.ddof, mean, m2);
+    if (row_lane == 0 && col_valid) h = FinishUnits<E, V>(d, unit0, n, p.ddof, pivot, mean, m2);
     FinishTile<E>(sm, p, d, t, tile, tid, h);
     return;
   }
@@ -430,9 +484,10 @@ LBE_DEVICE void ForwardItem(ForwardShared<E>& sm, const ForwardParams& p, const 
   ReduceLanes<E, 1>(sm, tid, merge_lane, merge_lanes, log2_tile_units, mn, mmean, mm2);
   const int64_t unit = tile * tile_units + u;
   double h = 0.0;
-  if (merge_lane == 0 && unit < d.units)
-    h = FinishUnits<Acc, 1>(static_cast<Acc*>(d.mean) + unit, static_cast<Acc*>(d.variance) + unit, mn, p.ddof,
-                            mmean, mm2);
+  if (merge_lane == 0 && unit < d.units) {
+    const Acc unit_pivot[1] = {LoadPivot<E>(static_cast<const Bits*>(d.x), unit)};
+    h = FinishUnits<E, 1>(d, unit, mn, p.ddof, unit_pivot, mmean, mm2);
+  }
   FinishTile<E>(sm, p, d, t, tile, tid, h);
 }
 
@@ -485,6 +540,47 @@ LBE_DEVICE void BackwardChunk(const typename Elem<E>::Bits* x, typename Elem<E>:
   }
 }
 
+// The thread's rows row, row + lanes, ... < row_end of units [unit0, unit0 + V) on the wide path,
+// in double: units whose variance is huge, or overflowed the statistics type (then this thread
+// recomputes it from the column).
+template <typename E, int V>
+LBE_DEVICE void WideBackwardRows(const BackwardParams& p, const BackwardTensor& d, int t, int64_t unit0,
+                                 int64_t row, int64_t row_end, int lanes) {
+  using Acc = typename Elem<E>::Acc;
+  using Bits = typename Elem<E>::Bits;
+  const Bits* x = static_cast<const Bits*>(d.x);
+  Bits* dx = static_cast<Bits*>(d.dx);
+  const int64_t units = d.units;
+  const double g = static_cast<double>(Elem<E>::ToAcc(LoadInput(static_cast<const Bits*>(p.grad_entropy) + t)));
+  const double dof = static_cast<double>(d.batch - p.ddof);
+  for (int v = 0; v < V; ++v) {
+    const int64_t unit = unit0 + v;
+    const double var = static_cast<double>(LoadInput(static_cast<const Acc*>(d.variance) + unit));
+    double scaled_variance = var;
+    int k = 0;
+    if (var - var != 0.0 && var > 0.0) {  // +inf: not representable in the statistics type
+      const Bits* column = x + unit;
+      const wide::UnitMoments w = wide::ComputeUnitMoments(
+          [&](int64_t r) { return static_cast<double>(Elem<E>::ToAcc(LoadInput(column + r * units))); },
+          d.batch, p.ddof);
+      scaled_variance = w.scaled_variance;
+      k = w.k;
+    } else {
+      k = wide::VarianceExponent(var);
+      scaled_variance = wide::Scale2(var, -2 * k);
+    }
+    const double gv = d.grad_variance ? static_cast<double>(LoadInput(static_cast<const Acc*>(d.grad_variance) + unit)) : 0.0;
+    const double gm = d.grad_mean ? static_cast<double>(LoadInput(static_cast<const Acc*>(d.grad_mean) + unit)) : 0.0;
+    const wide::UnitGradient u = wide::ComputeUnitGradient(
+        static_cast<double>(LoadInput(static_cast<const Acc*>(d.mean) + unit)), scaled_variance, k, g,
+        static_cast<double>(units), dof, gv, gm, static_cast<double>(d.batch));
+    for (int64_t r = row; r < row_end; r += lanes) {
+      const double xv = static_cast<double>(Elem<E>::ToAcc(LoadInput(x + r * units + unit)));
+      StoreOutput(dx + r * units + unit, Elem<E>::FromAcc(static_cast<Acc>(u.Dx(xv))));
+    }
+  }
+}
+
 template <typename E, int V>
 LBE_DEVICE void BackwardItem(const BackwardParams& p, const BackwardTensor& d, int t, int64_t tile, int64_t split,
                              int tid) {
@@ -510,12 +606,21 @@ LBE_DEVICE void BackwardItem(const BackwardParams& p, const BackwardTensor& d, i
   const Acc* grad_mean = d.grad_mean ? static_cast<const Acc*>(d.grad_mean) + unit0 : nullptr;
   const Acc* grad_var = d.grad_variance ? static_cast<const Acc*>(d.grad_variance) + unit0 : nullptr;
   Acc mean[V], scale[V], shift[V];
+  Acc max_var = Acc(0);  // NaN ignored
   LBE_UNROLL for (int v = 0; v < V; ++v) {
     mean[v] = LoadInput(mean_in + v);
-    Acc s = g * entropy_factor / (pie * LoadInput(var_in + v) + Acc(1));
+    const Acc var = LoadInput(var_in + v);
+    Acc s = g * entropy_factor / (pie * var + Acc(1));
     if (grad_var) s += LoadInput(grad_var + v) * variance_factor;
     scale[v] = s;
     shift[v] = grad_mean ? LoadInput(grad_mean + v) * mean_factor : Acc(0);
+    max_var = var > max_var ? var : max_var;
+  }
+  // Above the threshold the factor s loses precision or underflows: the wide path.
+  if (static_cast<double>(max_var) >
+      wide::WideVarianceThreshold(static_cast<double>(g) * d.entropy_factor, sizeof(Acc) == 8)) {
+    WideBackwardRows<E, V>(p, d, t, unit0, row, row_end, lanes);
+    return;
   }
 
   const int64_t step = static_cast<int64_t>(lanes) * d.units;

@@ -118,6 +118,7 @@ struct BackwardTensor {
 struct BackwardParams {
   const BackwardTensor* table;
   const void* grad_entropy;     // [num_tensors], input dtype
+  int64_t ddof;
   int32_t num_tensors;
   int32_t num_items;
   BackwardTensor inline_table[kInlineTensors];
@@ -340,6 +341,7 @@ inline BackwardParams MakeBackwardParams(const BackwardPlan& plan, const Backwar
   BackwardParams p{};
   char* ws = static_cast<char*>(workspace);
   p.grad_entropy = args.grad_entropy;
+  p.ddof = args.ddof;
   p.num_tensors = static_cast<int32_t>(args.num_tensors);
   p.num_items = static_cast<int32_t>(plan.num_items);
   if (plan.table_bytes > 0) {

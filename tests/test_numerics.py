@@ -1,0 +1,328 @@
+"""Accuracy at the edges of the number range, on the op, the pure-TF path and the core kernels.
+
+Every check compares against a float64 reference computed on the same (rounded) input, so what
+is measured is the implementation's own error, not the input's rounding:
+- offsets of 1e0 .. 1e6 x the spread (the pivot shift: H and the variance stay at float32
+  precision; dx on the op path also carries the float32 rounding of the `mean` it is given);
+- constant units: variance, gradient and the mean's deviation exactly 0;
+- +-Inf and NaN: what the formula's arithmetic gives, the same on both paths;
+- huge magnitudes: a finite entropy and gradient wherever float32 (or float64) can hold them,
+  +Inf for a variance beyond the statistics type, 0 for gradient elements below its smallest
+  normal number.
+docs/numerics.md states these results.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import lbe_ops
+from conftest import PI_E, np_entropy_grad, np_moments
+from lbe_ops import _core
+
+BACKENDS = ["op", "tf"]
+OFFSETS = [1e0, 1e2, 1e4, 1e6]
+F32_EPS = 2.0 ** -24
+TINY32 = float(np.finfo(np.float32).tiny)
+
+
+def moments_and_grad(x, backend, variance_weight=0.0):
+    """(H, mean, var, dH/dx [+ variance_weight * d sum(var)/dx]) in float64 numpy."""
+    x = tf.convert_to_tensor(x)
+    with lbe_ops.use_backend(backend), tf.GradientTape() as tape:
+        tape.watch(x)
+        h, mean, var = lbe_ops.batch_entropy_moments(x)
+        loss = tf.cast(h, tf.float64) + variance_weight * tf.reduce_sum(tf.cast(var, tf.float64))
+    grad = tape.gradient(loss, x)
+    return [tf.cast(t, tf.float64).numpy() for t in (h, mean, var, grad)]
+
+
+def offset_input(rng, shape, dtype, offset):
+    """Normal data of a random spread, each unit offset by about `offset` spreads."""
+    spread = rng.uniform(0.5, 4.0)
+    centers = offset * spread * rng.uniform(0.5, 1.5, size=shape[1:]) * rng.choice([-1, 1], shape[1:])
+    return (rng.standard_normal(shape) * spread + centers).astype(dtype)
+
+
+def grad_bound(x64, mean_given, rtol):
+    """Allowed |dx - ref| per element: rtol * max |ref|, plus, for the op, the float32 rounding of
+    the mean it is handed (|mean_given - mean| times the unit's slope pi*e / (U dof (pi*e v + 1)))."""
+    b, u = x64.shape
+    _, mean, var = np_moments(x64)
+    slope = PI_E / (u * (b - 1) * (PI_E * var + 1))
+    ref = np_entropy_grad(x64)
+    return ref, rtol * np.abs(ref).max() + 2.0 * np.abs(mean_given - mean) * slope
+
+
+# ---- large offsets ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offset", OFFSETS, ids=lambda o: f"{o:.0e}")
+@pytest.mark.parametrize("shape", [(256, 64), (1000, 300), (40, 3000)], ids=str)
+def test_float32_offsets_keep_float32_accuracy(rng, backend, offset, shape):
+    """H and the variance to ~1e-7 relative at any offset up to 1e6 x the spread."""
+    x = offset_input(rng, shape, np.float32, offset)
+    x64 = x.astype(np.float64)
+    h_ref, mean_ref, var_ref = np_moments(x64)
+    h, mean, var, grad = moments_and_grad(x, backend)
+    assert abs(h - h_ref) <= 1e-6 * abs(h_ref)
+    # TF sums a column's squares row after row (an error of up to sqrt(B) eps, typically)
+    np.testing.assert_allclose(var, var_ref, rtol=2e-6 if backend == "op" else 1e-5)
+    # a float32 sum of B values: a few eps * max |x| (TF's reductions are not pairwise)
+    assert np.all(np.abs(mean - mean_ref) <= 16 * F32_EPS * np.abs(x64).max(axis=0))
+    if backend == "tf":  # the gradient is formed from the shifted values: float32 accuracy
+        ref = np_entropy_grad(x64)
+        np.testing.assert_allclose(grad, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    else:  # the gradient op gets the float32 mean
+        ref, bound = grad_bound(x64, mean, 1e-5)
+        assert np.all(np.abs(grad - ref) <= bound)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offset", OFFSETS, ids=lambda o: f"{o:.0e}")
+def test_float64_offsets(rng, backend, offset):
+    x = offset_input(rng, (300, 50), np.float64, offset)
+    h_ref, mean_ref, var_ref = np_moments(x)
+    h, mean, var, grad = moments_and_grad(x, backend)
+    assert abs(h - h_ref) <= 1e-13 * abs(h_ref)
+    np.testing.assert_allclose(var, var_ref, rtol=1e-12)
+    ref = np_entropy_grad(x)
+    np.testing.assert_allclose(grad, ref, rtol=0, atol=1e-9 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float16, "bfloat16"], ids=["float16", "bfloat16"])
+def test_half_offsets(rng, backend, dtype):
+    """Half inputs offset by 1e3 x the spread (the most float16 holds): the float32 statistics
+    of the rounded input are exact to float32 precision, the entropy to its own rounding."""
+    x = tf.cast(offset_input(rng, (128, 40), np.float64, 1e3) / 64.0, dtype)
+    x64 = tf.cast(x, tf.float64).numpy()
+    h_ref, _, var_ref = np_moments(x64)
+    h, _, var, _ = moments_and_grad(x, backend)
+    np.testing.assert_allclose(var, var_ref, rtol=2e-6)
+    assert abs(h - h_ref) <= (2.0 ** -8 if dtype == "bfloat16" else 2.0 ** -11) * abs(h_ref)
+
+
+@pytest.mark.parametrize("kernel", ["cpu", "cuda_emulation"])
+@pytest.mark.parametrize("shape", [(300, 64), (3000, 40), (64, 1100)], ids=str)
+def test_core_kernels_offset_1e6(rng, kernel, shape):
+    """The core kernels at 1e6 x the spread: narrow and wide blocks, split batches."""
+    x = offset_input(rng, shape, np.float32, 1e6)
+    x64 = x.astype(np.float64)
+    h_ref, mean_ref, var_ref = np_moments(x64)
+    if kernel == "cpu":
+        (h,), (mean,), (var,) = _core.forward([x])
+    else:
+        h, (mean,), (var,), _ = _core._emulate_cuda_forward([x], block_order=2, seed=1)
+        h = h[0]
+    assert abs(float(h) - h_ref) <= 1e-6 * abs(h_ref)
+    np.testing.assert_allclose(var, var_ref, rtol=2e-6)
+    # a float32 sum of B values: a few eps * max |x| (TF's reductions are not pairwise)
+    assert np.all(np.abs(mean - mean_ref) <= 16 * F32_EPS * np.abs(x64).max(axis=0))
+
+
+# ---- constant units ------------------------------------------------------------------------------
+
+CONSTANTS = [3.7, 6.1e4 + 0.5, -2.5e-3, 0.0, 12345.678]  # 6.1e4: within float16's range
+
+
+def with_constant_units(rng, dtype, batch=50):
+    data = rng.standard_normal((batch, 2 * len(CONSTANTS))) * 3.0 + 7.0
+    data[:, ::2] = CONSTANTS
+    return tf.cast(tf.constant(data), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16, tf.float32, tf.float64],
+                         ids=lambda d: d.name)
+def test_constant_units_have_exactly_zero_variance_and_gradient(rng, backend, dtype):
+    x = with_constant_units(rng, dtype)
+    x64 = tf.cast(x, tf.float64).numpy()
+    _, mean, var, grad = moments_and_grad(x, backend, variance_weight=0.5)
+    const = slice(0, None, 2)
+    assert np.all(var[const] == 0.0)
+    assert np.all(grad[:, const] == 0.0)  # dH/dx and dvar/dx are both exactly 0
+    np.testing.assert_array_equal(mean[const], x64[0, const])
+    assert np.all(var[1::2] > 0) and np.all(grad[:, 1::2] != 0)
+
+
+@pytest.mark.parametrize("kernel", ["cpu", "cuda_emulation"])
+def test_core_constant_units(rng, kernel):
+    x = with_constant_units(rng, tf.float32, batch=300).numpy()
+    if kernel == "cpu":
+        _, (mean,), (var,) = _core.forward([x])
+        (dx,) = _core.backward([x], [mean], [var], [1.0])
+    else:
+        _, (mean,), (var,), _ = _core._emulate_cuda_forward([x])
+        (dx,), _ = _core._emulate_cuda_backward([x], [mean], [var], [1.0])
+    assert np.all(var[::2] == 0.0) and np.all(dx[:, ::2] == 0.0)
+    np.testing.assert_array_equal(mean[::2], x[0, ::2])
+
+
+# ---- Inf and NaN ------------------------------------------------------------------------------
+
+def poisoned(dtype, values, batch=40):
+    """[batch, 4] activations with unit 1's rows 0 and 5 replaced by `values` (row 0 is the pivot).
+    A batch of 10 is one chunk of the CPU kernels, 40 several."""
+    data = np.random.default_rng(3).standard_normal((batch, 4)) + 2.0
+    data[0, 1], data[5, 1] = values
+    return tf.cast(tf.constant(data), dtype)
+
+
+INF_CASES = {  # (row 0, row 5) of unit 1 -> the unit's mean
+    "+inf in row 5": ((1.0, np.inf), np.inf),
+    "-inf in row 5": ((1.0, -np.inf), -np.inf),
+    "+inf in row 0 (the pivot)": ((np.inf, 1.0), np.inf),
+    "-inf in both": ((-np.inf, -np.inf), -np.inf),
+    "+inf and -inf": ((np.inf, -np.inf), np.nan),
+    "nan": ((1.0, np.nan), np.nan),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16, tf.float32, tf.float64],
+                         ids=lambda d: d.name)
+@pytest.mark.parametrize("case", list(INF_CASES))
+@pytest.mark.parametrize("batch", [10, 40])
+def test_inf_and_nan_input(backend, dtype, case, batch):
+    values, expected_mean = INF_CASES[case]
+    x = poisoned(dtype, values, batch)
+    h, mean, var, grad = moments_and_grad(x, backend)
+    np.testing.assert_array_equal(mean[1], expected_mean)  # equal_nan: NaN matches NaN
+    assert np.isnan(var[1]) and np.isnan(h) and np.all(np.isnan(grad[:, 1]))
+    clean = [0, 2, 3]
+    x64 = tf.cast(x, tf.float64).numpy()[:, clean]
+    _, mean_ref, var_ref = np_moments(x64)
+    rtol = {tf.float16: 1e-6, tf.bfloat16: 1e-6, tf.float32: 1e-6, tf.float64: 1e-13}[dtype]
+    np.testing.assert_allclose(mean[clean], mean_ref, rtol=rtol)
+    np.testing.assert_allclose(var[clean], var_ref, rtol=rtol)
+    assert np.all(np.isfinite(grad[:, clean]))
+
+
+@pytest.mark.parametrize("kernel", ["cpu", "cuda_emulation"])
+@pytest.mark.parametrize("batch", [10, 40])
+def test_core_inf_mean(kernel, batch):
+    x = np.stack([poisoned(tf.float32, INF_CASES[c][0], batch).numpy()[:, 1] for c in INF_CASES],
+                 axis=1)
+    if kernel == "cpu":
+        _, (mean,), (var,) = _core.forward([x])
+    else:
+        _, (mean,), (var,), _ = _core._emulate_cuda_forward([x])
+    np.testing.assert_array_equal(mean, [INF_CASES[c][1] for c in INF_CASES])
+    assert np.all(np.isnan(var))
+
+
+# ---- huge magnitudes ------------------------------------------------------------------------------
+
+def scaled_reference(x64, k):
+    """H, variance and dH/dx of x64 computed on x64 * 2^-k (exact), for variances beyond float64:
+    H_j = 0.5 (ln(pi*e v_s + 2^-2k) + 2k ln 2), dx = pi*e (x_s - m_s) c / (U dof (pi*e v_s + c^2))."""
+    c = np.ldexp(1.0, -k)
+    xs = x64 * c
+    b, u = xs.shape
+    _, mean_s, var_s = np_moments(xs)
+    h = np.mean(0.5 * (np.log(PI_E * var_s + c * c) + 2 * k * np.log(2.0)))
+    grad = PI_E * (xs - mean_s) * c / (u * (b - 1) * (PI_E * var_s + c * c))
+    with np.errstate(over="ignore"):  # a variance beyond float64 is +inf, as it should come back
+        variance = var_s / c / c
+    return h, mean_s / c, variance, grad
+
+
+HUGE_F32 = [(64, 1e15), (300, 3e17), (300, 1e18), (1000, 1e18), (1000, 1e19), (64, 1e30),
+            (64, 1e37)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch,std", HUGE_F32, ids=lambda v: f"{v:g}")
+def test_float32_huge_values(rng, backend, batch, std):
+    """Finite, accurate H at any finite float32 input; the variance +Inf only where it exceeds
+    float32; dx accurate down to float32's smallest normal number (smaller elements: 0)."""
+    x = (rng.standard_normal((batch, 64)) * std).astype(np.float32)
+    x64 = x.astype(np.float64)
+    h_ref, mean_ref, var_ref = np_moments(x64)
+    ref = np_entropy_grad(x64)
+    h, mean, var, grad = moments_and_grad(x, backend)
+    assert np.isfinite(h) and abs(h - h_ref) <= 1e-6 * abs(h_ref)
+    representable = var_ref <= np.finfo(np.float32).max
+    np.testing.assert_allclose(var[representable], var_ref[representable], rtol=2e-6)
+    assert np.all(np.isposinf(var[~representable]))
+    np.testing.assert_allclose(mean, mean_ref, rtol=0, atol=4 * F32_EPS * np.abs(x64).max())
+    assert np.all(np.isfinite(grad))
+    normal = np.abs(ref) >= TINY32
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(grad[normal], ref[normal], rtol=0, atol=1e-5 * scale + 4 * TINY32)
+    assert np.all(np.abs(grad[~normal]) <= 2 * TINY32)
+    if scale >= TINY32 * 2 ** 30:  # the case the issue names: not every element may vanish
+        assert np.count_nonzero(grad) > 0.9 * grad.size
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("std", [1e150, 1e200, 1e300], ids=lambda v: f"{v:g}")
+def test_float64_huge_values(rng, backend, std):
+    x = rng.standard_normal((200, 16)) * std
+    k = int(np.frexp(np.abs(x).max())[1])
+    h_ref, mean_ref, var_ref, ref = scaled_reference(x, k)
+    h, mean, var, grad = moments_and_grad(x, backend)
+    assert np.isfinite(h) and abs(h - h_ref) <= 1e-13 * abs(h_ref)
+    np.testing.assert_allclose(mean, mean_ref, rtol=0, atol=1e-14 * np.abs(x).max())
+    representable = np.isfinite(var_ref)
+    np.testing.assert_allclose(var[representable], var_ref[representable], rtol=1e-12)
+    assert np.all(np.isposinf(var[~representable]))
+    tiny = np.finfo(np.float64).tiny  # smaller elements are flushed to 0
+    np.testing.assert_allclose(grad, ref, rtol=0, atol=1e-9 * np.abs(ref).max() + 4 * tiny)
+
+
+@pytest.mark.parametrize("kernel", ["cpu", "cuda_emulation"])
+@pytest.mark.parametrize("std", [3e17, 1e19, 1e37], ids=lambda v: f"{v:g}")
+def test_core_huge_values(rng, kernel, std):
+    """The core kernels' wide paths (forward: the entropy; backward: huge or overflowed variances),
+    with upstream gradients into the variance and the mean as well."""
+    x = (rng.standard_normal((400, 24)) * std).astype(np.float32)
+    x64 = x.astype(np.float64)
+    h_ref, mean_ref, var_ref = np_moments(x64)
+    if kernel == "cpu":
+        (h,), (mean,), (var,) = _core.forward([x])
+    else:
+        h, (mean,), (var,), _ = _core._emulate_cuda_forward([x])
+        h = h[0]
+    assert abs(float(h) - h_ref) <= 1e-6 * abs(h_ref)
+    gm = rng.standard_normal(24).astype(np.float32)
+    with np.errstate(over="ignore"):  # 0 where var_ref is huge
+        gv = (rng.standard_normal(24) / var_ref).astype(np.float32)
+    if kernel == "cpu":
+        (dx,) = _core.backward([x], [mean], [var], [1.0], grad_means=[gm], grad_variances=[gv])
+    else:
+        (dx,), _ = _core._emulate_cuda_backward([x], [mean], [var], [1.0], grad_means=[gm],
+                                                grad_variances=[gv])
+    b, u = x64.shape
+    ref = ((x64 - mean_ref) * (PI_E / (u * (b - 1) * (PI_E * var_ref + 1))
+                               + 2.0 * gv.astype(np.float64) / (b - 1))
+           + gm.astype(np.float64) / b)
+    scale = np.abs(ref).max()
+    assert np.all(np.isfinite(dx))
+    np.testing.assert_allclose(dx, ref, rtol=0, atol=1e-5 * scale + 4 * TINY32)
+
+
+def test_tf_path_under_xla(rng):
+    """The pure-TF path's pivot under jit_compile (where the op is not used): large offsets and
+    values up to where float32 sums of squares stay finite; beyond that, under XLA (no wide
+    branch), the variance and the entropy are +Inf."""
+    cases = [(rng.standard_normal((300, 32)) * 1e15).astype(np.float32),
+             offset_input(rng, (300, 32), np.float32, 1e6)]
+
+    @tf.function(jit_compile=True)
+    def entropy_and_grad(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            h = lbe_ops.batch_entropy(x)
+        return h, tape.gradient(h, x)
+
+    for x in cases:
+        h, grad = entropy_and_grad(tf.constant(x))
+        x64 = x.astype(np.float64)
+        h_ref = np_moments(x64)[0]
+        ref = np_entropy_grad(x64)
+        assert abs(float(h) - h_ref) <= 1e-6 * abs(h_ref)
+        np.testing.assert_allclose(grad.numpy(), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    h, _ = entropy_and_grad(tf.constant((rng.standard_normal((300, 32)) * 1e19).astype(np.float32)))
+    assert np.isposinf(float(h))
