@@ -38,6 +38,7 @@
 #include "batch_entropy_common.h"
 #include "batch_entropy_cpu.h"
 #include "batch_entropy_cpu_plan.h"
+#include "batch_entropy_dtype.h"
 #include "batch_entropy_wide.h"
 
 // Everything below is internal to one translation unit (inlined, never passed across the
@@ -978,22 +979,16 @@ void BackwardTyped(const BackwardArgs& args, const ParallelFor& parallel_for) {
   });
 }
 
+using CpuTypes = ElementTypes<Half, BFloat16, float, double>;
+
 inline void Forward(const ForwardArgs& args, const ParallelFor& parallel_for) {
-  switch (args.dtype) {
-    case DType::kFloat16: return ForwardTyped<Half>(args, parallel_for);
-    case DType::kBFloat16: return ForwardTyped<BFloat16>(args, parallel_for);
-    case DType::kFloat32: return ForwardTyped<float>(args, parallel_for);
-    case DType::kFloat64: return ForwardTyped<double>(args, parallel_for);
-  }
+  CpuTypes::Dispatch(
+      args.dtype, [&](auto t) { ForwardTyped<typename decltype(t)::type>(args, parallel_for); }, [] {});
 }
 
 inline void Backward(const BackwardArgs& args, const ParallelFor& parallel_for) {
-  switch (args.dtype) {
-    case DType::kFloat16: return BackwardTyped<Half>(args, parallel_for);
-    case DType::kBFloat16: return BackwardTyped<BFloat16>(args, parallel_for);
-    case DType::kFloat32: return BackwardTyped<float>(args, parallel_for);
-    case DType::kFloat64: return BackwardTyped<double>(args, parallel_for);
-  }
+  CpuTypes::Dispatch(
+      args.dtype, [&](auto t) { BackwardTyped<typename decltype(t)::type>(args, parallel_for); }, [] {});
 }
 
 }  // namespace LBE_CPU_ISA

@@ -81,13 +81,9 @@ cudaError_t Forward(const ForwardArgs& args, void* workspace, size_t workspace_b
     if (err != cudaSuccess) return err;
   }
   const ForwardParams params = MakeForwardParams(plan, args, workspace);
-  switch (args.dtype) {
-    case DType::kFloat16: return LaunchForward<kernels::Half>(params, plan.num_items, stream);
-    case DType::kBFloat16: return LaunchForward<kernels::BFloat16>(params, plan.num_items, stream);
-    case DType::kFloat32: return LaunchForward<float>(params, plan.num_items, stream);
-    case DType::kFloat64: return LaunchForward<double>(params, plan.num_items, stream);
-  }
-  return cudaErrorInvalidValue;
+  return kernels::KernelTypes::Dispatch(
+      args.dtype, [&](auto t) { return LaunchForward<typename decltype(t)::type>(params, plan.num_items, stream); },
+      [] { return cudaErrorInvalidValue; });
 }
 
 cudaError_t Backward(const BackwardArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
@@ -102,13 +98,9 @@ cudaError_t Backward(const BackwardArgs& args, void* workspace, size_t workspace
     if (err != cudaSuccess) return err;
   }
   const BackwardParams params = MakeBackwardParams(plan, args, workspace);
-  switch (args.dtype) {
-    case DType::kFloat16: return LaunchBackward<kernels::Half>(params, plan.num_items, stream);
-    case DType::kBFloat16: return LaunchBackward<kernels::BFloat16>(params, plan.num_items, stream);
-    case DType::kFloat32: return LaunchBackward<float>(params, plan.num_items, stream);
-    case DType::kFloat64: return LaunchBackward<double>(params, plan.num_items, stream);
-  }
-  return cudaErrorInvalidValue;
+  return kernels::KernelTypes::Dispatch(
+      args.dtype, [&](auto t) { return LaunchBackward<typename decltype(t)::type>(params, plan.num_items, stream); },
+      [] { return cudaErrorInvalidValue; });
 }
 
 }  // namespace cuda

@@ -259,14 +259,12 @@ Report Forward(const ForwardArgs& args, const Tuning& tuning, const Options& opt
   Report report;
   report.error = MakeForwardPlan(args, tuning, &plan);
   if (!report.error.empty() || args.num_tensors == 0) return report;
-  switch (args.dtype) {
-    case DType::kFloat16: return ForwardTyped<kernels::Half>(args, plan, options);
-    case DType::kBFloat16: return ForwardTyped<kernels::BFloat16>(args, plan, options);
-    case DType::kFloat32: return ForwardTyped<float>(args, plan, options);
-    case DType::kFloat64: return ForwardTyped<double>(args, plan, options);
-  }
-  report.error = "unknown dtype";
-  return report;
+  return kernels::KernelTypes::Dispatch(
+      args.dtype, [&](auto t) { return ForwardTyped<typename decltype(t)::type>(args, plan, options); },
+      [&] {
+        report.error = "unknown dtype";
+        return report;
+      });
 }
 
 Report Backward(const BackwardArgs& args, const Tuning& tuning, const Options& options) {
@@ -274,14 +272,12 @@ Report Backward(const BackwardArgs& args, const Tuning& tuning, const Options& o
   Report report;
   report.error = MakeBackwardPlan(args, tuning, &plan);
   if (!report.error.empty() || args.num_tensors == 0) return report;
-  switch (args.dtype) {
-    case DType::kFloat16: return BackwardTyped<kernels::Half>(args, plan, options);
-    case DType::kBFloat16: return BackwardTyped<kernels::BFloat16>(args, plan, options);
-    case DType::kFloat32: return BackwardTyped<float>(args, plan, options);
-    case DType::kFloat64: return BackwardTyped<double>(args, plan, options);
-  }
-  report.error = "unknown dtype";
-  return report;
+  return kernels::KernelTypes::Dispatch(
+      args.dtype, [&](auto t) { return BackwardTyped<typename decltype(t)::type>(args, plan, options); },
+      [&] {
+        report.error = "unknown dtype";
+        return report;
+      });
 }
 
 }  // namespace emulation

@@ -28,6 +28,7 @@
 
 #include "batch_entropy_common.h"
 #include "batch_entropy_cuda_plan.h"
+#include "batch_entropy_dtype.h"
 #include "batch_entropy_wide.h"
 
 #if defined(__CUDACC__)
@@ -113,6 +114,7 @@ LBE_DEVICE float BFloat16ToFloat(uint16_t b) { return AsFloat(static_cast<uint32
 // ------------------------------------------------------------------------------------------
 struct Half {};
 struct BFloat16 {};
+using KernelTypes = ElementTypes<Half, BFloat16, float, double>;
 
 template <typename T> struct Elem;
 template <> struct Elem<float> {
