@@ -302,9 +302,7 @@ class PairwiseMerger {
 // tensors (a deep network's activations) live in separate allocations, where the hardware
 // prefetcher starts afresh at every tensor and every page; large items stream well without help,
 // so only their first lines are touched. Reads are fetched into L2 (prefetcht1), not L1: from
-// memory, L1 prefetches of a whole small tensor left the loop waiting on its misses (the cold
-// forward pass of 500 x [32, 64] took 0.62-0.76 ms with them and 0.42-0.44 ms with L2
-// prefetches in benchmarks/core_bench.cc; a group already in L3 lost 0.03 ms).
+// memory, L1 prefetches of a whole small tensor leave the loop waiting on their misses.
 class ItemPrefetcher {
  public:
   static constexpr int64_t kMaxBytes = int64_t{1} << 17;  // whole items up to this size
@@ -647,7 +645,7 @@ inline void LoadPivots(const T* x, int64_t u0, int64_t width, typename Elem<T>::
 template <typename Acc>
 double EntropyOfBlock(Acc* variance_inout, int64_t width, int64_t n, int64_t ddof) {
   const Acc inv_dof = Acc(1) / static_cast<Acc>(n - ddof);
-  const Acc pie = static_cast<Acc>(kPiE);
+  const Acc pi_e = static_cast<Acc>(kPiE);
   double sum = 0.0;
   if constexpr (std::is_same_v<Acc, float>) {
     // Lane-wise sums in double, combined in a fixed order at the end; padding lanes add log1p(0).
@@ -663,7 +661,7 @@ double EntropyOfBlock(Acc* variance_inout, int64_t width, int64_t n, int64_t ddo
           variance_inout[j + k] = v[k];
         }
       }
-      const F8 z = pie * v;
+      const F8 z = pi_e * v;
       F4 halves[2];
       std::memcpy(halves, &z, sizeof(z));
       const D4 low = __builtin_convertvector(halves[0], D4);
@@ -676,7 +674,7 @@ double EntropyOfBlock(Acc* variance_inout, int64_t width, int64_t n, int64_t ddo
     for (int64_t j = 0; j < width; ++j) {
       const Acc v = variance_inout[j] * inv_dof;
       variance_inout[j] = v;
-      sum += static_cast<double>(Acc(0.5) * std::log1p(pie * v));
+      sum += static_cast<double>(Acc(0.5) * std::log1p(pi_e * v));
     }
   }
   return sum;
@@ -696,10 +694,10 @@ double FinishBlock(const T* x, int64_t rows, int64_t cols, int64_t u0, int64_t w
   for (int64_t j = 0; j < width; ++j) mean_inout[j] += pivot[j];
   const double sum = EntropyOfBlock<Acc>(var_inout, width, rows, ddof);
   if (sum - sum == 0.0) return sum;
-  const Acc pie = static_cast<Acc>(kPiE);
+  const Acc pi_e = static_cast<Acc>(kPiE);
   double wide_sum = 0.0;
   for (int64_t j = 0; j < width; ++j) {
-    const Acc v = var_inout[j], z = pie * v, m = mean_inout[j];
+    const Acc v = var_inout[j], z = pi_e * v, m = mean_inout[j];
     if (z - z == Acc(0) && m - m == Acc(0)) {
       wide_sum += 0.5 * std::log1p(static_cast<double>(z));
       continue;
@@ -927,7 +925,7 @@ void BackwardTyped(const BackwardArgs& args, const ParallelFor& parallel_for) {
     const Acc entropy_factor = static_cast<Acc>(kPiE / (static_cast<double>(cols) * dof));
     const Acc var_factor = static_cast<Acc>(2.0 / dof);
     const Acc mean_factor = static_cast<Acc>(1.0 / static_cast<double>(rows));
-    const Acc pie = static_cast<Acc>(kPiE);
+    const Acc pi_e = static_cast<Acc>(kPiE);
     const Acc numerator = g * entropy_factor;
     // The largest variance of the item, NaN ignored: above the threshold the factor s loses
     // precision or underflows, and the item takes the wide path.
@@ -936,7 +934,7 @@ void BackwardTyped(const BackwardArgs& args, const ParallelFor& parallel_for) {
     ForUnits<T>(width, [&](auto vec, int64_t j) {
       using L = Lane<T, decltype(vec)::value>;
       const auto v = L::LoadAcc(var + j);
-      auto s = L::Splat(numerator) / (pie * v + Acc(1));
+      auto s = L::Splat(numerator) / (pi_e * v + Acc(1));
       if (grad_var) s += L::LoadAcc(grad_var + j) * var_factor;
       L::StoreAcc(scale + j, s);
       L::StoreAcc(shift + j, grad_mean ? L::LoadAcc(grad_mean + j) * mean_factor : L::Splat(Acc(0)));

@@ -75,8 +75,8 @@ template <typename B> inline void StoreOutput(B* p, B v) {
   CheckAccess(p, sizeof(B), true);
   std::memcpy(p, &v, sizeof(B));
 }
-template <typename B> inline B LoadShared(const B* p) { return LoadInput(p); }
-template <typename B> inline void StoreShared(B* p, B v) { StoreOutput(p, v); }
+template <typename B> inline B LoadGlobalL2(const B* p) { return LoadInput(p); }
+template <typename B> inline void StoreGlobalL2(B* p, B v) { StoreOutput(p, v); }
 
 inline float AsFloat(uint32_t b) {
   float f;

@@ -68,9 +68,10 @@ LBE_DEVICE Vec8 LoadInput8(const void* p) { return Vec8{__ldg(static_cast<const 
 LBE_DEVICE void StoreOutput16(void* p, const Vec16& v) { __stwb(static_cast<uint4*>(p), v.u); }
 LBE_DEVICE void StoreOutput8(void* p, const Vec8& v) { __stwb(static_cast<uint2*>(p), v.u); }
 template <typename B> LBE_DEVICE void StoreOutput(B* p, B v) { __stwb(p, v); }
-// Data other blocks of this launch wrote or will read: through L2, never a stale L1 line.
-template <typename B> LBE_DEVICE B LoadShared(const B* p) { return __ldcg(p); }
-template <typename B> LBE_DEVICE void StoreShared(B* p, B v) { __stcg(p, v); }
+// Global memory that other blocks of this launch wrote or will read: cached in L2 only (ld.cg /
+// st.cg), never a stale L1 line. Not __shared__ memory.
+template <typename B> LBE_DEVICE B LoadGlobalL2(const B* p) { return __ldcg(p); }
+template <typename B> LBE_DEVICE void StoreGlobalL2(B* p, B v) { __stcg(p, v); }
 
 LBE_DEVICE float AsFloat(uint32_t b) { return __uint_as_float(b); }
 LBE_DEVICE uint32_t FloatBits(float f) { return __float_as_uint(f); }
@@ -95,8 +96,8 @@ using emulation::LoadInput;
 using emulation::LoadInput16;
 using emulation::StoreOutput16;
 using emulation::StoreOutput;
-using emulation::LoadShared;
-using emulation::StoreShared;
+using emulation::LoadGlobalL2;
+using emulation::StoreGlobalL2;
 using emulation::AsFloat;
 using emulation::FloatBits;
 using emulation::AsDouble;
@@ -348,13 +349,13 @@ LBE_DEVICE double FinishUnits(const ForwardTensor& d, int64_t unit0, int64_t n, 
   Acc* mean_out = static_cast<Acc*>(d.mean) + unit0;
   Acc* var_out = static_cast<Acc*>(d.variance) + unit0;
   const Acc inv_dof = Acc(1) / static_cast<Acc>(n - ddof);
-  const Acc pie = static_cast<Acc>(kPiE);
+  const Acc pi_e = static_cast<Acc>(kPiE);
   double h = 0.0;
   unsigned wide_units = 0;
   LBE_UNROLL for (int v = 0; v < V; ++v) {
     const Acc mu = pivot[v] + mean[v];
     const Acc var = m2[v] * inv_dof;
-    const double hv = static_cast<double>(Acc(0.5) * Log1p(pie * var));
+    const double hv = static_cast<double>(Acc(0.5) * Log1p(pi_e * var));
     if (hv - hv == 0.0 && mu - mu == Acc(0)) {
       StoreOutput(mean_out + v, mu);
       StoreOutput(var_out + v, var);
@@ -381,7 +382,7 @@ LBE_DEVICE void FinishTile(ForwardShared<E>& sm, const ForwardParams& p, const F
     return;
   }
   if (tid == 0) {
-    StoreShared(p.tile_entropy + d.tile_begin + tile, tile_sum);
+    StoreGlobalL2(p.tile_entropy + d.tile_begin + tile, tile_sum);
     ThreadFence();
     const unsigned ticket = AtomicAdd(p.tensor_counters + t, 1u);
     sm.last = ticket == static_cast<unsigned>(d.tiles - 1);
@@ -396,7 +397,7 @@ LBE_DEVICE void FinishTile(ForwardShared<E>& sm, const ForwardParams& p, const F
     double part[kBatch];
     LBE_UNROLL for (int j = 0; j < kBatch; ++j) {
       const int64_t i = i0 + j * kThreads;
-      part[j] = i < d.tiles ? LoadShared(p.tile_entropy + d.tile_begin + i) : 0.0;
+      part[j] = i < d.tiles ? LoadGlobalL2(p.tile_entropy + d.tile_begin + i) : 0.0;
     }
     LBE_UNROLL for (int j = 0; j < kBatch; ++j) s += part[j];
   }
@@ -442,8 +443,8 @@ LBE_DEVICE void ForwardItem(ForwardShared<E>& sm, const ForwardParams& p, const 
   if (row_lane == 0) {
     Acc* part = tile_partials + split * 2 * tile_units;
     LBE_UNROLL for (int v = 0; v < V; ++v) {
-      StoreShared(part + col * V + v, mean[v]);
-      StoreShared(part + tile_units + col * V + v, m2[v]);
+      StoreGlobalL2(part + col * V + v, mean[v]);
+      StoreGlobalL2(part + tile_units + col * V + v, m2[v]);
     }
   }
   ThreadFence();
@@ -473,8 +474,8 @@ LBE_DEVICE void ForwardItem(ForwardShared<E>& sm, const ForwardParams& p, const 
     LBE_UNROLL for (int j = 0; j < kBatch; ++j) {
       const int64_t s = s0 + j * merge_lanes;
       const Acc* part = tile_partials + s * 2 * tile_units;
-      pm[j][0] = s < d.splits ? LoadShared(part + u) : Acc(0);
-      pm2[j][0] = s < d.splits ? LoadShared(part + tile_units + u) : Acc(0);
+      pm[j][0] = s < d.splits ? LoadGlobalL2(part + u) : Acc(0);
+      pm2[j][0] = s < d.splits ? LoadGlobalL2(part + tile_units + u) : Acc(0);
     }
     LBE_UNROLL for (int j = 0; j < kBatch; ++j) {
       const int64_t rows_begin = (s0 + j * merge_lanes) * d.rows_per_split;
@@ -599,7 +600,7 @@ LBE_DEVICE void BackwardItem(const BackwardParams& p, const BackwardTensor& d, i
   if (unit0 >= d.units || row >= row_end) return;  // no barriers in this kernel
 
   const Acc g = Elem<E>::ToAcc(LoadInput(static_cast<const Bits*>(p.grad_entropy) + t));
-  const Acc pie = static_cast<Acc>(kPiE);
+  const Acc pi_e = static_cast<Acc>(kPiE);
   const Acc entropy_factor = static_cast<Acc>(d.entropy_factor);
   const Acc variance_factor = static_cast<Acc>(d.variance_factor);
   const Acc mean_factor = static_cast<Acc>(d.mean_factor);
@@ -612,7 +613,7 @@ LBE_DEVICE void BackwardItem(const BackwardParams& p, const BackwardTensor& d, i
   LBE_UNROLL for (int v = 0; v < V; ++v) {
     mean[v] = LoadInput(mean_in + v);
     const Acc var = LoadInput(var_in + v);
-    Acc s = g * entropy_factor / (pie * var + Acc(1));
+    Acc s = g * entropy_factor / (pi_e * var + Acc(1));
     if (grad_var) s += LoadInput(grad_var + v) * variance_factor;
     scale[v] = s;
     shift[v] = grad_mean ? LoadInput(grad_mean + v) * mean_factor : Acc(0);
