@@ -355,12 +355,24 @@ def _environment():
         "keras": keras.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         # Other processes on the machine slow the runs down: the 1/5/15-minute load averages
         # when this one started put the wall times in context.
         "load_average": _load_average(),
         "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
     }
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def _load_average():
