@@ -23,7 +23,7 @@ DEFAULTS = {
     "lr_warmup": 0.0,
     "clip_norm": None,
     "weight_decay": 0.0,
-    "val_fraction": 0.1,
+    "val_fraction": 0.0,
     "alpha": 1.0,
     "alpha_min": 1.0,
     "beta": 0.5,

@@ -1,14 +1,14 @@
-"""pytest-benchmark suite for the CPU op: the op against the pure-TF composition, graph and XLA.
+"""pytest-benchmark suite for the CPU op: the op against pure TensorFlow, graph mode and XLA.
 
     pytest benchmarks/test_bench_cpu.py                                  # timings (minutes)
     pytest benchmarks/test_bench_cpu.py --benchmark-group-by=group       # one table per case
     pytest benchmarks/test_bench_cpu.py --benchmark-json=out.json        # machine-readable
     LBE_BENCH_QUICK=1 pytest benchmarks/test_bench_cpu.py --benchmark-disable -q   # smoke (CI)
 
-The cases, inputs and timed functions are lbe-bench's (lbe_ops/bench.py), so both tools time the
+The cases, inputs and timed functions are lbe-bench's (lbe_ops/bench/), so both tools time the
 same thing; lbe-bench adds the interleaved rounds, the copy-bandwidth floor, the training step
-and the report. Each benchmark group is one (case, dtype, mode) with the variants op, graph and
-xla side by side. test_fit times one keras fit() epoch of mlp-100x64 (lbe_ops/bench_fit.py)
+and the report. Each benchmark group is one (case, dtype, mode) with the variants op, tf and
+xla side by side. test_fit times one keras fit() epoch of mlp-100x64 (lbe_ops/bench/fit.py)
 without LBE and through wrap() with the op: one benchmark round is a whole fit() call (40 steps,
 plus fit()'s start and end), and extra_info holds that call's median step time; lbe-bench's fit
 table gives the steady-state step times. LBE_BENCH_QUICK=1 keeps to tiny shapes, a 10-layer
@@ -63,7 +63,7 @@ def test_batch_entropy(benchmark, case_name, dtype, mode, variant):
     case = bench.all_cases()[case_name]
     inp = bench.make_input(case, dtype)
     fn = bench.build_function(case, mode, variant)
-    bench._block(fn(inp))  # trace (and compile, for XLA) outside the timing
+    bench.block(fn(inp))  # trace (and compile, for XLA) outside the timing
     benchmark.group = f"{case_name} {case.label()} {dtype} {mode}"
     benchmark.extra_info.update({"case": case_name, "shape": case.label(), "dtype": dtype,
                                  "mode": mode, "variant": variant, "elements": case.elements})
@@ -71,7 +71,7 @@ def test_batch_entropy(benchmark, case_name, dtype, mode, variant):
     assert _finite_entropy(outputs)
 
 
-@pytest.mark.parametrize("lbe", ["none", "op", "graph", "fan-in", "op-forward"])
+@pytest.mark.parametrize("lbe", ["none", "op", "tf", "fan-in", "op-forward"])
 def test_train_step(benchmark, lbe):
     step = bench.build_train_step(layers=_TRAIN_LAYERS, lbe=lbe)
     step()  # trace outside the timing
@@ -85,7 +85,7 @@ def test_train_step(benchmark, lbe):
 def test_fit(benchmark, variant):
     import statistics
 
-    from lbe_ops import bench_fit
+    from lbe_ops.bench import fit as bench_fit
 
     run = bench_fit.build_fit_model(_FIT_MODEL, variant)
     run.fit()  # traces outside the timing

@@ -6,8 +6,8 @@
     lbe_ops.backend_info()                          # {'backend': 'op' | 'tf', ...}
 
 The compiled op (CPU, and GPU where built with CUDA) is used where it can be; elsewhere (no
-library, another TensorFlow version, inside XLA) the pure-TensorFlow composition in
-lbe_ops.reference gives the same numbers. LBE_OPS_BACKEND=auto|op|tf chooses.
+library, another TensorFlow version, inside XLA) pure TensorFlow (backend "tf", the module
+lbe_ops.reference) gives the same numbers. LBE_OPS_BACKEND=auto|op|tf chooses.
 Keras integration: lbe_ops.keras (LBERegularizer, LBEModel, wrap).
 """
 

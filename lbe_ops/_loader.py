@@ -4,7 +4,7 @@ Backends: 'op' (the compiled Lbe>* ops) and 'tf' (lbe_ops.reference, pure Tensor
 comes from LBE_OPS_BACKEND=auto|op|tf (default auto), or from `use_backend(...)` for a block of
 code. In auto, a library that is missing, cannot load, or was built for another TensorFlow gives
 one warning and the 'tf' path; with 'op' those are errors. Inside an XLA-compiled function the op
-(which has no XLA kernel) is replaced by the reference composition, whatever the setting.
+(which has no XLA kernel) is replaced by pure TensorFlow, whatever the setting.
 """
 
 import contextlib
@@ -172,7 +172,7 @@ def backend_info():
         "cuda": bool(info.get("cuda", False)),
         "cuda_version": info.get("cuda_version") or None,
         "cuda_architectures": info.get("cuda_architectures") or None,
-        "xla": "inside jit_compile functions the pure-TF composition is used",
+        "xla": "inside jit_compile functions pure TensorFlow (backend tf) is used",
     }
 
 
@@ -183,17 +183,6 @@ def _register_ops_at_import():
     that cannot be used is only recorded here; the warning comes at first use, as before."""
     if os.environ.get("LBE_OPS_BACKEND", "auto").strip().lower() != "tf":
         _load()
-
-
-def _reset_for_tests():
-    """Forgets the loaded state (tests only): the next call loads (or fails) again."""
-    with _State.lock:
-        _State.loaded = False
-        _State.module = None
-        _State.library_path = None
-        _State.reason = None
-        _State.build_info = {}
-        _State.warned = False
 
 
 _register_ops_at_import()

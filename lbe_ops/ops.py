@@ -1,4 +1,4 @@
-"""batch_entropy and batch_entropies: the compiled op where it can run, the reference elsewhere.
+"""batch_entropy and batch_entropies: the compiled op where it can run, pure TensorFlow elsewhere.
 
 Ops (registered by the library): Lbe>BatchEntropy / Lbe>BatchEntropyGrad for one tensor and
 Lbe>BatchEntropies / Lbe>BatchEntropiesGrad for a group. Each forward op returns the entropy (in

@@ -1,7 +1,8 @@
-"""The pure-TensorFlow composition of the batch-entropy math.
+"""The pure-TensorFlow path of the batch-entropy math: backend "tf".
 
-This is the fallback where the compiled op cannot be used (no library, another TensorFlow, XLA)
-and the oracle the op is tested against. Everything is written from the variance, never through
+lbe_ops takes it where the compiled op cannot be used (no library, another TensorFlow, inside
+XLA) or where LBE_OPS_BACKEND=tf or use_backend("tf") asks for it; the tests also compare the op
+against it. Everything is written from the variance, never through
 a square root, so constant ("dead") units get a zero, finite gradient in eager, graph and XLA
 modes. Statistics are accumulated in float32 for half, bfloat16 and float32 inputs and in float64
 for double; the mean is subtracted before squaring (two passes), so large offsets stay accurate.
@@ -15,7 +16,7 @@ import math
 
 import tensorflow as tf
 
-from lbe_ops import _validation
+from lbe_ops import _loader, _validation
 
 PI_E = math.pi * math.e
 
@@ -46,7 +47,6 @@ def _check_runtime_batch(flat, ddof, name):
 
 
 def _in_xla_context():
-    from lbe_ops import _loader  # late import: the loader imports this module
     return _loader.in_xla_context()
 
 

@@ -3,7 +3,7 @@
     python scripts/profile_fit.py                       # mlp-100x64: plain, op, tf
     python scripts/profile_fit.py mlp-500x32 --variants plain,op
 
-For each variant of a lbe-bench fit model (lbe_ops.bench_fit: the same models, data and
+For each variant of a lbe-bench fit model (lbe_ops.bench.fit: the same models, data and
 compile settings as the fit table), one warm-up epoch, then one epoch of model.fit() under
 TensorFlow's profiler (tf.profiler.experimental). The kernels it records (events named
 "<node name>:<op type>" on TensorFlow's compute threads) are counted and their times summed per
@@ -16,7 +16,7 @@ step, grouped by the part of the step they belong to:
                                       LBE term)
     optimizer                         the variable updates (under the optimizer's name scope)
     loss, LBE terms, metrics          everything else in the forward pass: the task loss, the
-                                      penalties (and the composition's entropies), metric updates
+                                      penalties (and pure TensorFlow's entropies), metric updates
     their gradients                   everything else in the backward pass
 
 Kernel times are summed over both compute threads, so a part's time can exceed the step's wall
@@ -37,7 +37,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 from tensorflow.tsl.profiler.protobuf import xplane_pb2  # noqa: E402
 
-from lbe_ops import bench_fit  # noqa: E402
+from lbe_ops.bench import fit as fit_bench  # noqa: E402
 
 PARTS = ("model forward", "model backward", "LBE op forward", "LBE op gradient",
          "gradient sums (AddN)", "optimizer", "loss, LBE terms, metrics", "their gradients")
@@ -66,7 +66,7 @@ def kernels_per_step(run, steps):
     """{part: (ops per step, microseconds per step)} of one profiled fit() epoch, and the
     median wall time per step of that epoch."""
     directory = tempfile.mkdtemp(prefix="lbe-profile-")
-    timer = bench_fit.step_timer()
+    timer = fit_bench.step_timer()
     tf.profiler.experimental.start(directory)
     try:
         run.fit([timer])
@@ -100,18 +100,18 @@ def main(argv=None):
     p.add_argument("model", nargs="?", default="mlp-100x64",
                    help="a lbe-bench fit model (mlp-500x32, mlp-100x64, cnn-30x16)")
     p.add_argument("--variants", default="plain,op,tf",
-                   help="comma-separated: plain, op, tf (graph mode)")
+                   help="comma-separated: plain, op, tf (pure TensorFlow; all graph mode)")
     args = p.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in bench_fit.GRAPH_VARIANTS]
+    bad = [v for v in variants if v not in fit_bench.GRAPH_VARIANTS]
     if bad:
         p.error(f"--variants: unknown {', '.join(bad)} (known: plain, op, tf)")
     try:
-        name = bench_fit.parse_fit_models(args.model)[0]
+        name = fit_bench.parse_fit_models(args.model)[0]
     except (ValueError, IndexError) as exc:
         p.error(f"model: {exc}")
-    spec = bench_fit.FIT_MODELS[name]
-    runs = bench_fit.build_fit_models(name, variants)
+    spec = fit_bench.FIT_MODELS[name]
+    runs = fit_bench.build_fit_models(name, variants)
     for run in runs.values():
         run.fit()  # trace and warm up
     results = {v: kernels_per_step(run, spec.steps) for v, run in runs.items()}

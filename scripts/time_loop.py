@@ -1,16 +1,17 @@
 """Times one lbe-bench function in a plain loop, or the training step plain vs with LBE.
 
 lbe-bench interleaves every variant of a case in rounds, so that load from other processes hits
-them alike; this script runs one thing alone, for the A/B comparisons that benchmarks/RESULTS.md
-reports (two builds, or two settings, in alternating processes):
+them alike; this script runs one thing alone, for A/B comparisons (two builds, or two settings,
+in alternating processes). It uses lbe_ops.bench's public timing API (time_loop,
+time_interleaved, round_orders, calls_per_round, block, copy_function):
 
     python scripts/time_loop.py case group-500 --variant op --seconds 5
     python scripts/time_loop.py train --variant op --seconds 8
 
 For an A/B of two checkouts, run the same command with each on PYTHONPATH, alternating, a few
 times each. `case` prints one line "<case> <mode> <variant>: <ms> ms/call"; `train` prints the
-plain and the LBE step times (interleaved rounds of the two, lbe_ops.bench.time_interleaved) and
-the overhead in percent.
+plain and the LBE step times (interleaved rounds of the two, bench.time_interleaved with
+bench.TRAIN_STEP_ROUNDS) and the overhead in percent.
 
 `after` shows why lbe-bench times each variant in its own steady state: it runs the variants of
 a case (with the copy lbe-bench uses as its floor) or of the training step in shuffled rounds
@@ -35,15 +36,7 @@ def time_case(name, mode, variant, dtype, seconds):
     case = cases[name]
     inp = bench.make_input(case, dtype)
     fn = bench.build_function(case, mode, variant)
-    for _ in range(10):  # trace, then warm up
-        bench._block(fn(inp))
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        for _ in range(10):
-            out = fn(inp)
-        bench._block(out)
-        calls += 10
-    return (time.perf_counter() - start) / calls
+    return bench.time_loop(lambda: fn(inp), seconds)
 
 
 def time_train(variant, layers, seconds):
@@ -51,7 +44,7 @@ def time_train(variant, layers, seconds):
            variant: bench.build_train_step(layers=layers, lbe=variant)}
     for fn in fns.values():
         fn()  # trace outside the timing
-    times = bench.time_interleaved(fns, min_time=seconds, **bench._TRAIN_TIMING)
+    times = bench.time_interleaved(fns, min_time=seconds, **bench.TRAIN_STEP_ROUNDS)
     return times["plain"]["median"], times[variant]["median"]
 
 
@@ -68,7 +61,7 @@ def time_by_predecessor(fns, seconds, round_time):
             t0 = time.perf_counter()
             for _ in range(k[name]):
                 out = fns[name]()
-            bench._block(out)
+            bench.block(out)
             if previous is not None:
                 samples[name].setdefault(previous, []).append((time.perf_counter() - t0) / k[name])
             previous = name
@@ -79,14 +72,14 @@ def time_by_predecessor(fns, seconds, round_time):
 def after(what, seconds, layers=500):
     if what == "train":
         fns = {v: bench.build_train_step(layers=layers, lbe=lbe) for v, lbe in
-               (("plain", "none"), ("op", "op"), ("graph", "graph"), ("fan-in", "fan-in"))}
+               (("plain", "none"), ("op", "op"), ("tf", "tf"), ("fan-in", "fan-in"))}
         round_time = 0.0  # one step per round
     else:
         case = bench.all_cases()[what]
         inp = bench.make_input(case, "float32")
         fns = {v: (lambda f=bench.build_function(case, "fwdbwd", v): f(inp))
                for v in bench.VARIANTS + ("harness",)}
-        fns["copy"] = bench._copy_function(case.elements * 4)
+        fns["copy"] = bench.copy_function(case.elements * 4)
         round_time = 0.02
     for name, by in time_by_predecessor(fns, seconds, round_time).items():
         print(f"{name:8s} " + "  ".join(f"after {p}: {t * 1e3:.3f} ms" for p, t in by.items()))
@@ -102,7 +95,9 @@ def main(argv=None):
     c.add_argument("--dtype", default="float32")
     c.add_argument("--seconds", type=float, default=5.0)
     t = sub.add_parser("train", help="the training step, plain against one LBE variant")
-    t.add_argument("--variant", choices=("op", "graph", "fan-in", "op-forward"), default="op")
+    t.add_argument("--variant", choices=("op", "tf", "fan-in", "op-forward"), default="op",
+                   help="LBE through the op, in pure TensorFlow (tf), the fan-in stand-in, or "
+                        "the op's forward alone")
     t.add_argument("--layers", type=int, default=500)
     t.add_argument("--seconds", type=float, default=8.0)
     a = sub.add_parser("after", help="each variant's time after each other one")

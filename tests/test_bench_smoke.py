@@ -30,7 +30,7 @@ def test_round_orders_permute_and_vary_the_predecessor():
 
     from lbe_ops.bench import round_orders
 
-    names = ["op", "graph", "xla", "harness", "copy"]
+    names = ["op", "tf", "xla", "harness", "copy"]
     orders = list(islice(round_orders(names), 200))
     assert all(sorted(o) == sorted(names) for o in orders)
     followed = {(a, b) for o in orders for a, b in zip(o, o[1:])}
@@ -58,8 +58,32 @@ def test_lbe_bench_rejects_unknown_fit_models_naming_the_flag(capsys, value):
     assert "argument --fit:" in err and "mlp-500x32" in err
 
 
+def test_lbe_bench_variants_flag_takes_the_old_name_of_tf():
+    from lbe_ops.bench.cli import _VARIANT_ALIASES, _split_list
+    from lbe_ops.bench import VARIANTS
+
+    assert _split_list("op,graph,xla", VARIANTS, "--variants", _VARIANT_ALIASES) == (
+        "op", "tf", "xla")
+    with pytest.raises(SystemExit, match="--variants"):
+        _split_list("op,nope", VARIANTS, "--variants", _VARIANT_ALIASES)
+
+
+def test_train_summary_signs_its_overheads():
+    """A negative overhead (noise, or a faster variant) prints as -8.1 %, not +-8.1 %."""
+    from lbe_ops.bench.train_step import format_train_summary
+
+    times = {v: {"median": m} for v, m in (("plain", 0.010), ("op", 0.00919), ("tf", 0.020),
+                                           ("fan-in", 0.011), ("op-forward", 0.0105))}
+    train = {"layers": 500, "width": 32, "batch": 128, "times": times,
+             "overhead_op_percent": -8.1, "overhead_tf_percent": 100.0,
+             "overhead_fan_in_percent": 10.0, "overhead_op_forward_percent": 5.0}
+    text = format_train_summary(train)
+    assert "(-8.1 %)" in text and "(+100.0 %)" in text and "+-" not in text
+    assert "pure TensorFlow 20.00 ms" in text
+
+
 def test_fit_model_lists_and_table():
-    from lbe_ops import bench_fit
+    from lbe_ops.bench import fit as bench_fit
 
     assert bench_fit.parse_fit_models("all") == ["mlp-500x32", "mlp-100x64", "cnn-30x16"]
     assert bench_fit.parse_fit_models("none") == []
@@ -113,10 +137,11 @@ def test_lbe_bench_quick_writes_json_table_and_chart(tmp_path):
         [sys.executable, "-m", "lbe_ops.bench", "--quick", "--out", str(out)],
         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "target:" in proc.stdout and "op ms" in proc.stdout
+    assert "op ms" in proc.stdout and "tf ms" in proc.stdout
+    assert "target" not in proc.stdout and "+-" not in proc.stdout
 
     doc = json.loads((out / "results.json").read_text())
-    assert doc["version"] == 1 and doc["command"].startswith("lbe-bench --quick")
+    assert doc["version"] == 2 and doc["command"].startswith("lbe-bench --quick")
     assert doc["machine"]["logical_cpus"] >= 1 and doc["machine"]["tensorflow"]
     assert doc["copy_bandwidth_256mib_gbps"] > 0
     assert doc["results"], "no benchmark results"
@@ -124,21 +149,22 @@ def test_lbe_bench_quick_writes_json_table_and_chart(tmp_path):
     for r in doc["results"]:
         seen.add((r["case"], r["mode"]))
         assert r["floor_s"] > 0 and r["bytes"] > 0
-        for variant in ("op", "graph", "xla", "harness"):
+        for variant in ("op", "tf", "xla", "harness"):
             t = r["times"][variant]
             assert t["median"] > 0 and t["min"] <= t["median"] and t["rounds"] >= 1
         assert r["copy"]["median"] > 0 and r["copy_bandwidth_gbps"] > 0
-        assert set(r["ratios"]) >= {"graph/op", "xla/op", "op/floor"}
+        assert set(r["ratios"]) >= {"tf/op", "xla/op", "op/floor"}
     assert {("tiny", "fwd"), ("tiny", "fwdbwd"), ("group-20", "fwdbwd")} <= seen
     train = doc["train_step"]
-    assert train["layers"] == 10 and set(train["times"]) == {"plain", "op", "graph", "fan-in",
+    assert train["layers"] == 10 and set(train["times"]) == {"plain", "op", "tf", "fan-in",
                                                           "op-forward"}
     assert train["overhead_fan_in_percent"] == pytest.approx(
         100 * (train["times"]["fan-in"]["median"] / train["times"]["plain"]["median"] - 1))
     assert train["overhead_op_forward_percent"] == pytest.approx(
         100 * (train["times"]["op-forward"]["median"] / train["times"]["plain"]["median"] - 1))
-    assert all(t["value"] is None or isinstance(t["met"], bool) for t in doc["targets"])
-    assert not any("fit" in t["target"] for t in doc["targets"])
+    assert train["overhead_tf_percent"] == pytest.approx(
+        100 * (train["times"]["tf"]["median"] / train["times"]["plain"]["median"] - 1))
+    assert "targets" not in doc
     fit = doc["fit"]  # --quick: the tiny model, without the XLA pair
     assert [m["model"] for m in fit["models"]] == ["mlp-10x16"]
     _check_fit_section(fit, ("plain", "op", "tf"))
@@ -152,7 +178,7 @@ def test_lbe_bench_quick_writes_json_table_and_chart(tmp_path):
 
 
 def test_lbe_bench_fit_only_with_xla(tmp_path):
-    """--fit-only: the fit table alone (no kernel cases, training step, targets or chart), here
+    """--fit-only: the fit table alone (no kernel cases, training step or chart), here
     with the XLA pair, whose first fit() compiles."""
     out = tmp_path / "bench"
     proc = subprocess.run(
@@ -162,7 +188,7 @@ def test_lbe_bench_fit_only_with_xla(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "target:" not in proc.stdout and "NOT met" not in proc.stdout
     doc = json.loads((out / "results.json").read_text())
-    assert doc["results"] == [] and doc["train_step"] is None and doc["targets"] == []
+    assert doc["results"] == [] and doc["train_step"] is None
     _check_fit_section(doc["fit"], ("plain", "op", "tf", "plain-xla", "lbe-xla"))
     table = (out / "results.md").read_text()
     assert table.startswith("| model | plain ms |") and "| mlp-10x16 (batch 16) |" in table
@@ -186,8 +212,7 @@ TIME_LOOP = REPO / "scripts" / "time_loop.py"
 
 @pytest.mark.skipif(not TIME_LOOP.exists(), reason="scripts/ is not part of this checkout")
 def test_time_loop_script_prints_its_timings(tmp_path):
-    """scripts/time_loop.py (the plain-loop and A/B figures in benchmarks/RESULTS.md): one case in
-    a plain loop, and the training step plain against LBE through the op."""
+    """scripts/time_loop.py (plain-loop timings and A/B comparisons): one case in a plain loop, and the training step plain against LBE through the op."""
     case = subprocess.run(
         [sys.executable, str(TIME_LOOP), "case", "group-20", "--seconds", "0.2"],
         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
@@ -199,8 +224,8 @@ def test_time_loop_script_prints_its_timings(tmp_path):
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     assert re.fullmatch(r"plain \d+\.\d\d ms, op \d+\.\d\d ms, overhead -?\d+\.\d %\n",
                         train.stdout)
-    for what, variants in (("tiny", ("op", "graph", "xla", "harness", "copy")),
-                           ("train", ("plain", "op", "graph", "fan-in"))):
+    for what, variants in (("tiny", ("op", "tf", "xla", "harness", "copy")),
+                           ("train", ("plain", "op", "tf", "fan-in"))):
         proc = subprocess.run(
             [sys.executable, str(TIME_LOOP), "after", what, "--seconds", "0.5", "--layers", "3"],
             cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)

@@ -5,12 +5,13 @@
 - the CUDA kernels' own code run on the CPU by the host emulation (_emulate_cuda_*), which checks
   every memory access and barrier: the GPU code's indexing, tiling, batch splits and merges are
   tested on machines without a GPU;
-- the CUDA functions on a real device, when the module has CUDA and a device and CuPy or PyTorch
-  is installed (skipped otherwise).
+- the CUDA functions on a real device: tests/test_gpu.py.
 """
 
 import numpy as np
 import pytest
+import reference64
+from reference64 import PI_E
 
 from lbe_ops import _core
 
@@ -20,52 +21,19 @@ try:
 except ImportError:  # pragma: no cover - ml_dtypes comes with TensorFlow
     BF16 = None
 
-PI_E = np.pi * np.e
 DTYPES = [np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)] + ([BF16] if BF16 is not None else [])
 DTYPE_IDS = [d.name for d in DTYPES]
 
 
-# ---- float64 reference -------------------------------------------------------------------------
+# ---- float64 reference (tests/reference64.py) and its error model --------------------------------
 
 def ref_forward(x, ddof):
-    flat = np.asarray(x, np.float64).reshape(x.shape[0], -1)
-    mean = flat.mean(axis=0)
-    var = ((flat - mean) ** 2).sum(axis=0) / (flat.shape[0] - ddof)
-    return 0.5 * np.log1p(PI_E * var).mean(), mean, var
+    return reference64.moments(x, ddof)
 
 
 def ref_backward(x, ddof, g_entropy, g_mean=None, g_var=None, mean=None, var=None):
-    """dx in float64. With mean and var given (the backward op's inputs), the formula is evaluated
-    at those statistics, so that the check sees the backward kernel's error only."""
-    flat = np.asarray(x, np.float64).reshape(x.shape[0], -1)
-    b, u = flat.shape
-    if mean is None:
-        _, mean, var = ref_forward(x, ddof)
-    mean = np.asarray(mean, np.float64).ravel()
-    var = np.asarray(var, np.float64).ravel()
-    scale = g_entropy * PI_E / (u * (b - ddof) * (PI_E * var + 1))
-    if g_var is not None:
-        scale = scale + 2.0 * np.asarray(g_var, np.float64).ravel() / (b - ddof)
-    dx = (flat - mean) * scale
-    if g_mean is not None:
-        dx = dx + np.asarray(g_mean, np.float64).ravel() / b
-    return dx.reshape(x.shape)
-
-
-def max_err(got, want, scale):
-    got = np.asarray(got, np.float64).ravel()
-    want = np.asarray(want, np.float64).ravel()
-    assert np.all(np.isfinite(got)), "non-finite output (unwritten element?)"
-    return float(np.max(np.abs(got - want)) / scale)
-
-
-def output_eps(dtype):
-    return {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8, "float32": 2.0 ** -24, "float64": 2.0 ** -53}[dtype.name]
-
-
-def acc_eps(dtype):
-    # float32 accumulation for float16, bfloat16 and float32; float64 for float64.
-    return 2.0 ** -53 if dtype == np.float64 else 2.0 ** -24
+    """dx in float64; with mean and var, evaluated at those statistics (the backward's inputs)."""
+    return reference64.backward(x, ddof, g_entropy, g_mean=g_mean, g_var=g_var, mean=mean, var=var)
 
 
 def make_input(rng, shape, dtype, offset=0.0, scale=2.0):
@@ -77,28 +45,22 @@ def make_input(rng, shape, dtype, offset=0.0, scale=2.0):
 
 
 def check_forward(x, ddof, entropy, mean, var, offset=0.0):
-    """Error model: the mean of data offset by k std is known to about eps * k std in the
-    accumulation type, which bounds the variance (and the entropy) at about eps * k relative."""
+    """Shapes and dtypes of a forward result, and its values within reference64's error model."""
     dtype = x.dtype
-    h, m, v = ref_forward(x, ddof)
     assert mean.shape == x.shape[1:] and var.shape == x.shape[1:]
     stats = np.float64 if dtype == np.float64 else np.float32
     assert mean.dtype == stats and var.dtype == stats and entropy.dtype == dtype
-    eps = acc_eps(dtype)
-    k = 2.0 * offset
-    x_scale = float(np.max(np.abs(np.asarray(x, np.float64))))
-    assert max_err(mean, m, x_scale) < 64 * eps, "mean"
-    assert max_err(var, v, float(np.max(v)) + 1e-300) < eps * (256 + 8 * k), "variance"
-    assert max_err(entropy, [h], abs(h) + 1e-300) < eps * (256 + 8 * k) + 2 * output_eps(dtype), "entropy"
+    ok, finite, err, tol = reference64.forward_errors(x, ddof, entropy, mean, var, dtype, offset)
+    assert finite, "non-finite output (unwritten element?)"
+    assert ok, f"errors {err} over tolerances {tol}"
 
 
 def check_backward(x, dx, want):
     """want: ref_backward at the statistics the kernel was given."""
     assert dx.shape == x.shape and dx.dtype == x.dtype
-    scale = float(np.max(np.abs(want))) + 1e-300
-    # float16 gradients are often subnormal (dx ~ 1 / (units x batch)): spacing 2**-24 there.
-    floor = 2.0 ** -24 if x.dtype == np.float16 else 0.0
-    assert max_err(dx, want, 1.0) < scale * (4 * output_eps(x.dtype) + 64 * acc_eps(x.dtype)) + floor
+    ok, finite, err, tol = reference64.backward_errors(dx, want, x.dtype)
+    assert finite, "non-finite gradient (unwritten element?)"
+    assert ok, f"relative error {err:.3g} over the tolerance {tol:.3g}"
 
 
 # ---- CPU -----------------------------------------------------------------------------------------
@@ -453,79 +415,3 @@ def test_cuda_launch_without_a_device_raises():
         _core.cuda_forward(xs, means, variances, entropies)
     with pytest.raises(RuntimeError, match="cuda_backward"):
         _core.cuda_backward(xs, means, variances, entropies, [fake((16, 10), "<f4", 9 << 40)])
-
-
-# ---- CUDA on a device ------------------------------------------------------------------------------
-
-def _device_library():
-    if not _core.has_cuda() or _core.cuda_device_count() == 0:
-        return None
-    try:
-        import cupy
-        return "cupy", cupy
-    except ImportError:
-        pass
-    try:
-        import torch
-        if torch.cuda.is_available():
-            return "torch", torch
-    except ImportError:
-        pass
-    return None
-
-
-DEVICE = _device_library()
-needs_device = pytest.mark.skipif(DEVICE is None, reason="needs _core with CUDA, a CUDA device, and CuPy or PyTorch")
-
-
-def _to_device(a):
-    kind, lib = DEVICE
-    if kind == "cupy":
-        return lib.asarray(a)
-    return lib.from_numpy(np.ascontiguousarray(a)).cuda()
-
-
-def _empty_device(shape, dtype, fill=np.nan):
-    return _to_device(np.full(shape, fill, dtype))
-
-
-def _to_host(a):
-    kind, _ = DEVICE
-    return a.get() if kind == "cupy" else a.cpu().numpy()
-
-
-def _sync():
-    kind, lib = DEVICE
-    (lib.cuda.runtime.deviceSynchronize() if kind == "cupy" else lib.cuda.synchronize())
-
-
-@needs_device
-@pytest.mark.parametrize("dtype", [np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)],
-                         ids=["float16", "float32", "float64"])
-@pytest.mark.parametrize("shape", [(2, 1), (4097, 33), (5, 100003), (65536, 64), (129, 1000)], ids=str)
-def test_cuda_kernels_on_device(rng, dtype, shape):
-    x = make_input(rng, shape, dtype, offset=1e4 if dtype != np.float16 else 0.0)
-    stats = np.float64 if dtype == np.float64 else np.float32
-    units = int(np.prod(shape[1:]))
-    dx_dev, mean_dev, var_dev = _to_device(x), _empty_device(units, stats), _empty_device(units, stats)
-    ent_dev = _empty_device(1, dtype)
-    _core.cuda_forward([dx_dev], [mean_dev], [var_dev], ent_dev)
-    _sync()
-    mean, var, ent = _to_host(mean_dev), _to_host(var_dev), _to_host(ent_dev)
-    check_forward(x, 1, ent[0], mean.reshape(shape[1:]), var.reshape(shape[1:]),
-                  offset=1e4 if dtype != np.float16 else 0.0)
-    out = _empty_device(shape, dtype)
-    g = _to_device(np.array([0.75], dtype))
-    _core.cuda_backward([dx_dev], [mean_dev], [var_dev], g, [out])
-    _sync()
-    check_backward(x, _to_host(out), ref_backward(x, 1, 0.75, mean=mean, var=var))
-
-
-@needs_device
-def test_cuda_rejects_host_arrays_and_bad_shapes():
-    with pytest.raises(TypeError, match="__cuda_array_interface__"):
-        _core.cuda_forward([np.zeros((4, 3), np.float32)], [None], [None], None)
-    x = _to_device(np.zeros((4, 3), np.float32))
-    with pytest.raises(ValueError, match=r"means\[0\] has 2 elements"):
-        _core.cuda_forward([x], [_empty_device(2, np.float32)], [_empty_device(3, np.float32)],
-                           _empty_device(1, np.float32))

@@ -151,8 +151,10 @@ def test_regularizer_compensates_whichever_scaling_keras_applies(rng, monkeypatc
     assert lk.keras_divides_activity_regularization() == (
         tuple(int(p) for p in keras.__version__.split(".")[:2]) >= (3, 14))
     x = tf.constant(rng.standard_normal((6, 4)), tf.float32)
-    regularizer = lk.LBERegularizer(alpha=1.0, alpha_min=0.0, beta=1.0)
-    term = (np_entropy(x.numpy(), 1) - 1.0) ** 2
+    # A target far from the entropy (about 1 here): (H - alpha)^2 near H = alpha would lose
+    # the float32 entropy's digits to cancellation.
+    regularizer = lk.LBERegularizer(alpha=3.0, alpha_min=0.0, beta=1.0)
+    term = (np_entropy(x.numpy(), 1) - 3.0) ** 2
     monkeypatch.setitem(lk_regularizer._scaling, "divides", True)
     np.testing.assert_allclose(float(regularizer(x)), 6 * term, rtol=1e-5)
     monkeypatch.setitem(lk_regularizer._scaling, "divides", False)  # a Keras that adds the value as is

@@ -1,6 +1,6 @@
-"""Backend choice: the environment variable, use_backend, and the fallback when the library
-cannot be used (missing, not loadable, built for another TensorFlow). Each case that changes
-what the process loads runs in a fresh interpreter."""
+"""Backend choice: the environment variable, use_backend, and the pure-TensorFlow path when the
+library cannot be used (missing, not loadable, built for another TensorFlow). Each case that
+changes what the process loads runs in a fresh interpreter."""
 
 import json
 import os
@@ -101,12 +101,43 @@ def foreign_library(tmp_path):
     return lib
 
 
+@pytest.fixture
+def undefined_symbol_library(tmp_path):
+    """A shared object that references a symbol this TensorFlow lacks (what loading a library
+    built for another TensorFlow gives, were the version check bypassed)."""
+    import tensorflow as tf
+    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    source = tmp_path / "probe.c"
+    source.write_text(textwrap.dedent("""
+        extern void _ZN10tensorflow22LbeOpsNoSuchSymbolHereEv(void);
+        __attribute__((constructor)) static void register_ops(void) {
+            _ZN10tensorflow22LbeOpsNoSuchSymbolHereEv();
+        }
+    """))
+    lib = tmp_path / "_lbe_ops.so"
+    subprocess.run([compiler, "-x", "c", "-shared", "-fPIC", "-o", str(lib), str(source)],
+                   check=True, capture_output=True)
+    (tmp_path / "_build_info.json").write_text(json.dumps({"built_with_tf": tf.__version__}))
+    return lib
+
+
 def test_unloadable_library_falls_back_with_one_warning(broken_library):
     out = run_snippet(LBE_OPS_LIBRARY=str(broken_library))
     assert out["info"]["backend"] == "tf"
     assert "loading" in out["info"]["reason"] and "failed" in out["info"]["reason"]
     assert len(out["warnings"]) == 1, out["warnings"]
     assert "pure-TensorFlow" in out["warnings"][0]
+    np.testing.assert_allclose(out["values"], expected_value(), rtol=1e-6)
+
+
+def test_library_with_an_undefined_symbol_falls_back(undefined_symbol_library):
+    """Reported and skipped: one warning and the pure-TensorFlow path, never a crash."""
+    out = run_snippet(LBE_OPS_LIBRARY=str(undefined_symbol_library))
+    assert out["info"]["backend"] == "tf"
+    assert "undefined symbol" in out["info"]["reason"], out["info"]["reason"]
+    assert len(out["warnings"]) == 1 and "pure-TensorFlow" in out["warnings"][0]
     np.testing.assert_allclose(out["values"], expected_value(), rtol=1e-6)
 
 

@@ -21,6 +21,24 @@ def _num_replicas():
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
+def _in_multi_worker_mode(strategy):
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode())
+
+
+def _reducible_across_workers(logs):
+    """The step's logs in a form Keras can average over the workers' replicas.
+
+    Under MultiWorkerMirroredStrategy with more than one worker, Keras averages each value a
+    step returns with strategy.reduce("MEAN", value, axis=0), which fails on the scalars that
+    metrics return. A scalar as a vector of one element has the same mean over the replicas.
+    """
+    if not _in_multi_worker_mode(tf.distribute.get_strategy()):
+        return logs
+    return tf.nest.map_structure(
+        lambda value: tf.reshape(value, [1]) if value.shape.rank == 0 else value, logs)
+
+
 # --------------------------------------------------------------------------------------------
 # Per-layer entropy statistics (for LayerEntropyLogger) and the count of batches too small for
 # a variance; not part of the logs, not saved.
@@ -156,7 +174,8 @@ class LBEModel(keras.Model):
 
     Build it functionally, `LBEModel(inputs, outputs, additive=False, cross_replica=False)`, or
     subclass it like keras.Model. `cross_replica=True` uses, under a tf.distribute strategy, the
-    entropy of the global batch instead of each replica's.
+    entropy of the global batch instead of each replica's (across all workers under
+    MultiWorkerMirroredStrategy; docs/distributed.md).
 
     A batch of at most ddof samples (a last partial batch of one sample, an empty replica)
     contributes no LBE term; the task loss still trains on it, and fit/evaluate warn once.
@@ -276,11 +295,13 @@ class LBEModel(keras.Model):
 
     def train_step(self, data):
         with _capture.capturing():
-            return super().train_step(data)
+            logs = super().train_step(data)
+        return _reducible_across_workers(logs)
 
     def test_step(self, data):
         with _capture.capturing():
-            return super().test_step(data)
+            logs = super().test_step(data)
+        return _reducible_across_workers(logs)
 
     def predict_step(self, data):
         with _capture.regularizers_disabled():
@@ -447,12 +468,23 @@ class LBEModel(keras.Model):
                 for name, value, count in zip(stats.names, values, counts) if count > 0}
 
     def make_train_function(self, force=False):
+        self._lbe_check_steps_per_execution()
         self._lbe_build_step_stats()
         return super().make_train_function(force=force)
 
     def make_test_function(self, force=False):
+        self._lbe_check_steps_per_execution()
         self._lbe_build_step_stats()
         return super().make_test_function(force=force)
+
+    def _lbe_check_steps_per_execution(self):
+        steps = getattr(self, "steps_per_execution", 1) or 1
+        if steps > 1 and _in_multi_worker_mode(self.distribute_strategy):
+            raise ValueError(
+                f"LBEModel {self.name!r}: steps_per_execution={steps} does not run under "
+                "MultiWorkerMirroredStrategy with several workers (Keras' loop over several "
+                "steps fails there for any model, with 'You must feed a value for placeholder "
+                "tensor'); compile with steps_per_execution=1.")
 
     def _lbe_warn_small_batches(self):
         counter = self._lbe_stats.small_batches
@@ -468,6 +500,29 @@ class LBEModel(keras.Model):
                 f"ddof={'/'.join(map(str, ddofs))}; the layers concerned contributed no LBE term "
                 "for them (the task loss still trained on them). Shown once per model.",
                 RuntimeWarning, stacklevel=3)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Builds the model's state from the shapes of one batch, one worker at a time.
+
+        Keras (TensorFlow backend) peeks at the first batch of a distributed iterator and
+        averages it over the replicas with strategy.reduce, only to learn its shapes and dtypes.
+        Under MultiWorkerMirroredStrategy with several workers that reduce is a collective that
+        fails outside a tf.function (`Attempt to convert a value (PerReplica...)`), so fit()
+        and evaluate() never start. This worker's first local replica has the same per-replica
+        shapes and dtypes, and reading it needs no collective. Other strategies keep Keras'
+        way.
+        """
+        strategy = getattr(self, "_distribute_strategy", None)
+        if iterator is not None and data_batch is None and _in_multi_worker_mode(strategy):
+            for _, _, batches in iterator:
+                data_batch = tf.nest.map_structure(
+                    lambda value: (strategy.experimental_local_results(value)[0]
+                                   if isinstance(value, tf.distribute.DistributedValues)
+                                   else value),
+                    next(batches))
+                break
+            iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def fit(self, *args, **kwargs):
         try:

@@ -1,25 +1,25 @@
 """The per-step time of keras `Model.fit()` without and with LBE: what a user of lbe_ops feels.
 
-    from lbe_ops import bench_fit
-    runs = bench_fit.build_fit_models("mlp-100x64", ("plain", "op", "tf"))
-    times = bench_fit.time_fit(runs, min_time=20)
-    print(bench_fit.format_fit_table([bench_fit.summarize_fit("mlp-100x64", times)]))
+    from lbe_ops.bench import fit
+    runs = fit.build_fit_models("mlp-100x64", ("plain", "op", "tf"))
+    times = fit.time_fit(runs, min_time=20)
+    print(fit.format_fit_table([fit.summarize_fit("mlp-100x64", times)]))
 
 lbe-bench runs this as its fit table (`--fit`, `--fit-time`, `--fit-xla`, `--fit-only`); see
-lbe_ops/bench.py. Variants of one model, each a freshly built model with the same seed and
+lbe_ops/bench/cli.py. Variants of one model, each a freshly built model with the same seed and
 architecture (wrap() shares layers with the model it wraps, so no two variants share one):
 
     plain      keras.Sequential, compiled normally (jit_compile=False)
     op         lbe_ops.keras.wrap(model) with the compiled op (backend "op")
-    tf         the same wrap(), traced inside use_backend("tf"): the pure-TF composition
+    tf         the same wrap(), traced inside use_backend("tf"): pure TensorFlow
     plain-xla  plain, compile(jit_compile=True)
-    lbe-xla    wrap(), compile(jit_compile=True): under XLA lbe_ops takes the composition itself
+    lbe-xla    wrap(), compile(jit_compile=True): under XLA lbe_ops is pure TensorFlow
 
 All with keras.optimizers.SGD and SparseCategoricalCrossentropy(from_logits=True), on random
 data from a seeded numpy generator, a whole number of batches per epoch.
 
 Timing: every variant is warmed up by one fit() call (it traces, and XLA compiles). Then come
-interleaved rounds; in each, every variant (in a fresh seeded order, bench.round_orders) runs one
+interleaved rounds; in each, every variant (in a fresh seeded order, timing.round_orders) runs one
 `fit(x, y, batch_size, epochs=1, verbose=0, shuffle=False)` with a callback that records
 time.perf_counter() at each on_train_batch_end. A round's per-step time is the median of the
 differences between consecutive batch ends: that leaves out the first step of each fit() call
@@ -38,7 +38,8 @@ import time
 
 import numpy as np
 
-from lbe_ops.bench import _fmt_ms, _fmt_ratio, quartiles, round_orders
+from lbe_ops.bench.report import fmt_ms, fmt_ratio
+from lbe_ops.bench.timing import quartiles, round_orders
 
 FIT_VARIANTS = ("plain", "op", "tf", "plain-xla", "lbe-xla")
 GRAPH_VARIANTS = ("plain", "op", "tf")
@@ -174,8 +175,8 @@ class FitRun:
         return timer.step_times()
 
     def lbe_op_in_graph(self):
-        """Whether the traced train function contains a Lbe> op (True for 'op', False for the
-        composition); None if it cannot be told (not traced yet, or Keras internals changed)."""
+        """Whether the traced train function contains a Lbe> op (True for 'op', False for pure
+        TensorFlow); None if it cannot be told (not traced yet, or Keras internals changed)."""
         return lbe_op_in_train_function(self.model)
 
 
@@ -196,7 +197,7 @@ def build_fit_model(model, variant, seed=0):
                 jit_compile=variant in XLA_VARIANTS)
     # The backend is fixed when fit() traces; every call runs in the same block, so a retrace
     # would take the same path. 'auto' (the default users get) for the variants without a choice:
-    # under XLA it takes the composition.
+    # under XLA it is pure TensorFlow.
     backend = {"op": "op", "tf": "tf"}.get(variant, "auto")
     x, y = fit_data(spec, seed=seed)
     return FitRun(spec, variant, net, x, y, backend)
@@ -313,7 +314,7 @@ def _overhead_percent(times, variant, base):
 
 def summarize_fit(model, times, runs=None):
     """One model's fit-table entry: the times, the LBE overheads (with / plain - 1, in %) and
-    the op's speed-up over the composition (tf / op); with `runs`, whether each traced train
+    the op's speed-up over pure TensorFlow (tf / op); with `runs`, whether each traced train
     function holds a Lbe> op and each variant's last training loss."""
     spec = _spec(model)
     out = dict(spec.as_dict())
@@ -343,7 +344,7 @@ def run_fit_model(model, variants=FIT_VARIANTS, min_time=20.0, min_rounds=5, see
         log(f"    warning: the training loss of {', '.join(bad)} is not finite; their step "
             "times may not be representative")
     if log:
-        log("    " + "  ".join(f"{v} {_fmt_ms(times[v]['median'])} ms" for v in variants))
+        log("    " + "  ".join(f"{v} {fmt_ms(times[v]['median'])} ms" for v in variants))
     return entry
 
 
@@ -353,13 +354,13 @@ FIT_TABLE_HEADER = ["model", "plain ms", "op ms", "tf ms", "tf/op", "plain-xla m
 def _with_overhead(times, variant, overhead):
     if variant not in times:
         return "-"
-    text = _fmt_ms(times[variant]["median"])
+    text = fmt_ms(times[variant]["median"])
     return text if overhead is None else f"{text} ({overhead:+.0f} %)"
 
 
 def format_fit_table(entries):
     """The fit table in markdown: ms per fit() step (median over rounds), each LBE variant's
-    overhead over its plain counterpart, and the op's speed-up over the composition."""
+    overhead over its plain counterpart, and the op's speed-up over pure TensorFlow."""
     lines = ["| " + " | ".join(FIT_TABLE_HEADER) + " |",
              "|" + "|".join(" --- " for _ in FIT_TABLE_HEADER) + "|"]
     for e in entries:
@@ -369,7 +370,7 @@ def format_fit_table(entries):
             _with_overhead(t, "plain", None),
             _with_overhead(t, "op", e["overhead_op_percent"]),
             _with_overhead(t, "tf", e["overhead_tf_percent"]),
-            _fmt_ratio(e["tf_over_op"]),
+            fmt_ratio(e["tf_over_op"]),
             _with_overhead(t, "plain-xla", None),
             _with_overhead(t, "lbe-xla", e["overhead_lbe_xla_percent"]),
         ]

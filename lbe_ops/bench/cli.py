@@ -1,0 +1,323 @@
+"""lbe-bench: times the batch-entropy op against pure TensorFlow, on this machine.
+
+    lbe-bench                       # a representative set of cases, the training step, fit()
+    lbe-bench --quick               # tiny shapes, a few repetitions: a smoke run
+    lbe-bench --full                # every shape in every dtype
+    lbe-bench --cases large,group-500 --dtypes float32 --fit none --out results/
+    lbe-bench --fit-only --fit mlp-100x64 --fit-time 60    # only the fit() table
+
+Three parts, all in one invocation so that their figures come from the same machine state:
+
+  * kernel cases (lbe_ops.bench.cases): the op against pure TensorFlow in graph mode ("tf") and
+    under XLA ("xla"), and against the memory floor: the bytes the work must move (forward: read
+    x once; forward+backward: read x twice, write dx once) at the machine's copy bandwidth,
+    measured as np.copyto of the same number of bytes timed in the same interleaved rounds as
+    the variants, so that it sees the same load. The "harness" (the tf.function call, the split
+    of grouped inputs and the sums of their gradients) is timed alone, so the tf/op ratio is
+    given with it (raw) and without it (net); XLA compiles the harness into its own program, so
+    xla/op is raw only.
+  * the training step (lbe_ops.bench.train_step): one SGD step of a deep ReLU network without
+    LBE, with LBE through the op and in pure TensorFlow, and two variants that split the
+    overhead into its parts.
+  * the fit() table (lbe_ops.bench.fit): the steady-state time per step of keras Model.fit()
+    without LBE, with lbe_ops.keras.wrap() through the op and in pure TensorFlow, and both under
+    XLA. Most of its time is the first fit() of each variant (tracing, and compiling under XLA).
+
+Timing (lbe_ops.bench.timing): median per-call time over interleaved rounds, each round in a new
+seeded order. Outputs (in --out, default ./lbe-bench-results): results.json (every number, the
+machine, the load, the command), results.md (the tables) and results.png (speed-ups and the floor
+ratio). Timings are not assertions: nothing here fails on a slow machine.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+
+import tensorflow as tf
+
+import lbe_ops
+from lbe_ops import _loader
+from lbe_ops.bench import fit as fit_bench
+from lbe_ops.bench.cases import (DTYPES, FULL_SET, MODES, QUICK_SET, STANDARD_SET, VARIANTS,
+                                 all_cases, build_function, make_input)
+from lbe_ops.bench.machine import load_average, machine_info
+from lbe_ops.bench.report import fmt_ms, fmt_ratio, format_table, table_rows, write_chart
+from lbe_ops.bench.timing import (QUICK_ROUNDS, copy_bandwidth, copy_function,
+                                  page_faults_per_call, time_interleaved)
+from lbe_ops.bench.train_step import format_train_summary, run_train
+
+RESULTS_VERSION = 2
+# Accepted in --variants for the pure-TensorFlow variant, as earlier versions named it.
+_VARIANT_ALIASES = {"graph": "tf"}
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+def _non_negative_seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _fit_models(text):
+    try:
+        return fit_bench.parse_fit_models(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="lbe-bench",
+        description="Time the lbe_ops batch-entropy op against pure TensorFlow (graph mode "
+                    "and XLA) and the machine's copy bandwidth.")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="tiny shapes, few repetitions, a 10-layer training step (smoke run)")
+    size.add_argument("--full", action="store_true", help="every case in every dtype")
+    p.add_argument("--cases", help="comma-separated case names (or prefixes) to run; "
+                   f"known: {', '.join(all_cases())}")
+    p.add_argument("--dtypes", help=f"comma-separated dtypes ({', '.join(DTYPES)}); "
+                   "overrides each case's dtype list")
+    p.add_argument("--modes", default="fwd,fwdbwd", help="comma-separated: fwd, fwdbwd")
+    p.add_argument("--variants", default="op,tf,xla",
+                   help="comma-separated: op (the compiled op), tf (pure TensorFlow, graph "
+                        "mode), xla (pure TensorFlow under XLA)")
+    p.add_argument("--min-time", type=_non_negative_seconds, default=None,
+                   help="seconds of interleaved rounds per case and mode (default 2, quick 0.1)")
+    p.add_argument("--train-layers", type=int, default=None,
+                   help="depth of the training-step network (default 500, quick 10; 0: skip)")
+    p.add_argument("--train-time", type=_non_negative_seconds, default=None,
+                   help="seconds of interleaved rounds for the training step (default 15, quick "
+                        "0.1): its variants differ by a few percent, about as much as the noise "
+                        "of a few rounds on a shared VM")
+    p.add_argument("--train-width", type=int, default=32)
+    p.add_argument("--train-batch", type=int, default=128)
+    p.add_argument("--train-xla", action="store_true",
+                   help="also time the training step compiled by XLA (slow to compile)")
+    p.add_argument("--fit", type=_fit_models, default=None, metavar="MODELS",
+                   help="comma-separated fit() models, 'all' or 'none' (default all, quick "
+                        "mlp-10x16); known: mlp-500x32, mlp-100x64, cnn-30x16, mlp-10x16")
+    p.add_argument("--fit-time", type=_non_negative_seconds, default=None,
+                   help="seconds of interleaved fit() rounds per model (default 20, quick 0.1; "
+                        "at least 5 rounds, quick 3)")
+    p.add_argument("--fit-xla", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time plain and LBE fit() compiled by XLA (default on, off in "
+                        "--quick; compiling the 500-layer LBE model takes minutes)")
+    p.add_argument("--fit-only", action="store_true",
+                   help="run only the fit() table: no kernel cases, no training step, no chart")
+    p.add_argument("--allocator", choices=("default", "bfc"), default="default",
+                   help="TensorFlow's CPU allocator: 'default' (what users get) or 'bfc' "
+                        "(TF_CPU_ALLOCATOR_USE_BFC=true: keeps freed memory, so large outputs "
+                        "do not page-fault on every call); must be chosen before TF runs an op")
+    p.add_argument("--out", default="lbe-bench-results", help="output folder (JSON, table, PNG)")
+    p.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
+    return p.parse_args(argv)
+
+
+def _select_cases(args):
+    cases = all_cases()
+    chosen = QUICK_SET if args.quick else FULL_SET if args.full else STANDARD_SET
+    if args.cases:
+        wanted = [w.strip() for w in args.cases.split(",") if w.strip()]
+        names = [n for n in cases if any(n == w or n.startswith(w) for w in wanted)]
+        unknown = [w for w in wanted if not any(n == w or n.startswith(w) for n in cases)]
+        if unknown:
+            raise SystemExit(f"lbe-bench: unknown case(s): {', '.join(unknown)}; "
+                             f"known: {', '.join(cases)}")
+        default_dtypes = dict(chosen)
+        chosen = [(n, default_dtypes.get(n, ("float32",))) for n in names]
+    if args.dtypes:
+        dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
+        bad = [d for d in dtypes if d not in DTYPES]
+        if bad:
+            raise SystemExit(f"lbe-bench: unknown dtype(s): {', '.join(bad)}")
+        chosen = [(n, dtypes) for n, _ in chosen]
+    return [(cases[n], dts) for n, dts in chosen]
+
+
+def _split_list(text, allowed, what, aliases=None):
+    items = tuple((aliases or {}).get(x.strip(), x.strip()) for x in text.split(",") if x.strip())
+    bad = [x for x in items if x not in allowed]
+    if bad or not items:
+        raise SystemExit(f"lbe-bench: bad {what}: {text!r} (allowed: {', '.join(allowed)})")
+    return items
+
+
+def run_case(case, dtype, mode, variants, min_time, log, quick=False):
+    """Times the variants of one (case, dtype, mode), the harness and the copy in interleaved
+    rounds; returns the results.json entry (times, floor, ratios) and logs one line."""
+    inp = make_input(case, dtype)
+    names = list(variants) + ["harness"]
+    built = {v: build_function(case, mode, v) for v in names}
+    fns = {v: (lambda f=built[v]: f(inp)) for v in names}
+    nbytes = case.elements * tf.as_dtype(dtype).size
+    # The copy runs in the same rotation as the variants, so it sees the same load.
+    fns["copy"] = copy_function(nbytes)
+    times = time_interleaved(fns, min_time=min_time, **(QUICK_ROUNDS if quick else {}))
+    for v in names:
+        times[v]["page_faults_per_call"] = page_faults_per_call(fns[v])
+    copy_time = times.pop("copy")
+    bandwidth = 2 * nbytes / copy_time["median"]  # bytes read + bytes written per second
+    passes = 1 if mode == "fwd" else 3
+    floor = passes * nbytes / bandwidth
+    ratios = {}
+    op = times.get("op", {}).get("median")
+    for other in ("tf", "xla"):
+        if op and other in times:
+            ratios[f"{other}/op"] = times[other]["median"] / op
+            if "harness" in times and other == "tf":  # the harness runs in graph mode
+                h = times["harness"]["median"]
+                net_op, net_other = op - h, times[other]["median"] - h
+                # Without the harness; undefined when noise puts a variant at or below it.
+                ratios[f"{other}/op net"] = (net_other / net_op if net_op > 0 and net_other > 0
+                                             else None)
+    if op:
+        ratios["op/floor"] = op / floor
+    result = {
+        "case": case.name, "label": case.label(), "description": case.description,
+        "grouped": case.grouped, "tensors": len(case.shapes),
+        "shapes": [list(s) for s in dict.fromkeys(case.shapes)],
+        "dtype": dtype, "mode": mode, "elements": case.elements, "bytes": nbytes,
+        "times": times, "copy": copy_time, "floor_s": floor, "floor_passes": passes,
+        "copy_bandwidth_gbps": bandwidth / 1e9, "ratios": ratios,
+    }
+    log(f"  {case.name:12s} {dtype:9s} {mode:7s} " + "  ".join(
+        f"{v} {fmt_ms(times[v]['median'])} ms" for v in names) +
+        f"  copy {fmt_ms(copy_time['median'])} ms  " +
+        "  ".join(f"{k} {fmt_ratio(v)}" for k, v in ratios.items() if v is not None))
+    return result
+
+
+def run_fit(models, fit_time, min_rounds, with_xla, log):
+    """The fit() table's entries, one per model (lbe_ops.bench.fit)."""
+    variants = fit_bench.FIT_VARIANTS if with_xla else fit_bench.GRAPH_VARIANTS
+    entries = [fit_bench.run_fit_model(m, variants, min_time=fit_time, min_rounds=min_rounds,
+                                       log=log) for m in models]
+    return {"method": fit_bench.FIT_METHOD, "fit_time_s": fit_time, "min_rounds": min_rounds,
+            "variants": list(variants), "learning_rate": fit_bench.LEARNING_RATE,
+            "models": entries}
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.allocator == "bfc":
+        # Read when TensorFlow creates its CPU allocator, at the first op it runs.
+        os.environ["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
+    tf.get_logger().setLevel("ERROR")  # building many tf.functions is the point, not a mistake
+    modes = _split_list(args.modes, MODES, "--modes")
+    variants = tuple(dict.fromkeys(_split_list(args.variants, VARIANTS, "--variants",
+                                               _VARIANT_ALIASES)))
+    if "op" not in variants:
+        raise SystemExit("lbe-bench: --variants must include op (everything is compared to it)")
+    min_time = args.min_time if args.min_time is not None else (0.1 if args.quick else 2.0)
+    train_layers = args.train_layers if args.train_layers is not None else (
+        10 if args.quick else 500)
+    if args.fit is not None:
+        fit_models = args.fit
+    else:
+        fit_models = ([fit_bench.QUICK_FIT_MODEL] if args.quick
+                      else list(fit_bench.STANDARD_FIT_MODELS))
+    fit_time = args.fit_time if args.fit_time is not None else (0.1 if args.quick else 20.0)
+    fit_xla = args.fit_xla if args.fit_xla is not None else not args.quick
+    if args.fit_only:
+        if args.cases or args.full:
+            raise SystemExit("lbe-bench: --fit-only runs no kernel cases; drop --cases/--full")
+        if not fit_models:
+            raise SystemExit("lbe-bench: --fit-only with --fit none leaves nothing to run")
+        cases, train_layers = [], 0
+    else:
+        cases = _select_cases(args)
+
+    def log(msg):
+        print(msg, flush=True)
+
+    info = lbe_ops.backend_info()
+    if info["backend"] != "op" or _loader.op_module() is None:
+        raise SystemExit(f"lbe-bench: the compiled op is not available ({info['reason']}); "
+                         "nothing to compare")
+    os.makedirs(args.out, exist_ok=True)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    load_before = load_average()
+    machine = machine_info()
+    log(f"lbe-bench on {machine['cpu_model']} ({machine['logical_cpus']} logical CPUs, ISA "
+        f"{machine['cpu_isa']}), TensorFlow {tf.__version__}, load average {load_before}, "
+        f"allocator {args.allocator}")
+    big_bw = None
+    if cases:
+        big_bw = copy_bandwidth(256 * 2**20, min_time=0.1 if args.quick else 0.5)
+        log(f"copy bandwidth (np.copyto, 256 MiB, read + write): {big_bw / 1e9:.1f} GB/s")
+    results = []
+    for case, dtypes in cases:
+        for dtype in dtypes:
+            for mode in modes:
+                results.append(run_case(case, dtype, mode, variants, min_time, log,
+                                        quick=args.quick))
+    train = None
+    if train_layers > 0:
+        train_time = args.train_time if args.train_time is not None else (
+            0.1 if args.quick else 15.0)
+        train = run_train(train_layers, args.train_width, args.train_batch, train_time,
+                          args.train_xla, log, quick=args.quick)
+    fit = None
+    if fit_models:
+        fit = run_fit(fit_models, fit_time, 3 if args.quick else 5, fit_xla, log)
+    load_after = load_average()
+    header, rows = table_rows(results)
+    doc = {
+        "version": RESULTS_VERSION,
+        "command": "lbe-bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "started_utc": started.isoformat(timespec="seconds"),
+        "seconds": round((datetime.datetime.now(datetime.timezone.utc) - started)
+                         .total_seconds(), 1),
+        "load_average_before": load_before, "load_average_after": load_after,
+        "machine": machine,
+        "copy_bandwidth_256mib_gbps": big_bw / 1e9 if big_bw else None,
+        "allocator": "bfc" if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower() in
+                     ("1", "true") else "default",
+        "method": "median per-call time over interleaved rounds of >= 20 ms; floor = passes x "
+                  "bytes / copy bandwidth, the bandwidth (read + write) of np.copyto of the same "
+                  "bytes timed in the same rounds (median)",
+        "results": results, "train_step": train, "fit": fit,
+    }
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    md = []
+    if results:
+        md.append(format_table(header, rows, markdown=True))
+    if train:
+        md.append(format_train_summary(train))
+    if fit:
+        md.append(fit_bench.format_fit_table(fit["models"]) + "\n\n" + fit_bench.FIT_METHOD)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write("\n\n".join(md) + "\n")
+    if results and not args.no_chart:
+        write_chart(results, train, os.path.join(args.out, "results.png"))
+
+    print()
+    if results:
+        print(format_table(header, rows))
+        print()
+    if train:
+        print(format_train_summary(train))
+        print()
+    if fit:
+        print(md[-1])
+        print()
+    if args.quick:
+        print("--quick is a smoke run: its rounds are too few and too short for its timings "
+              "to be compared.")
+    print(f"load average before {load_before}, after {load_after}; results in {args.out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
