@@ -61,7 +61,8 @@ def _check_run(run, epochs, depth, beta, validated=True):
 def test_digits_end_to_end(tmp_path, capsys):
     pytest.importorskip("sklearn")
     out = tmp_path / "out"
-    assert train.main(TINY + ["--out", str(out), "--lr", "1e-3", "--seed", "3"]) == 0
+    assert train.main(TINY + ["--out", str(out), "--lr", "1e-3", "--seed", "3",
+                              "--val-fraction", "0.1"]) == 0
     printed = capsys.readouterr().out
     assert "batch entropy backend:" in printed
     assert "test acc" in printed and "baseline" in printed
@@ -74,7 +75,7 @@ def test_digits_end_to_end(tmp_path, capsys):
     assert config["data"] == "digits" and config["num_classes"] == 10
     assert config["train_examples"] + config["validation_examples"] + config[
         "test_examples"] == 1797
-    assert config["val_fraction"] == train.DEFAULTS["val_fraction"]
+    assert config["val_fraction"] == 0.1
     assert config["backend"] in ("op", "tf")
     assert set(results["runs"]) == {"lbe", "baseline"}
     _check_run(results["runs"]["lbe"], epochs=2, depth=3, beta=train.DEFAULTS["beta"])
