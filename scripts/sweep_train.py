@@ -169,8 +169,9 @@ def main(argv=None):
     environment = first["environment"]
     text = (f"{table}\n\nconfig: {json.dumps(config)}\n"
             f"machine: {environment.get('cpu') or 'CPU'} x {environment.get('cpu_count')}, "
-            f"{environment.get('platform')}, TensorFlow {environment.get('tensorflow')}; "
-            f"{'one run at a time' if args.jobs == 1 else f'{args.jobs} runs at a time, one thread each'}\n")
+            f"{environment.get('platform')}, TensorFlow {environment.get('tensorflow')}"
+            + ("" if args.aggregate else "; one run at a time" if args.jobs == 1
+               else f"; {args.jobs} runs at a time, one thread each") + "\n")
     print(text)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(text)
