@@ -16,14 +16,14 @@ DEFAULTS = {
     "arch": "mlp",
     "depth": 100,
     "width": None,          # per architecture, see DEFAULT_WIDTH
-    "epochs": 200,
+    "epochs": 100,
     "batch_size": 32,
-    "lr": 1.5e-4,
+    "lr": 2e-4,
     "lr_decay": 0.4,
     "lr_warmup": 0.0,
     "clip_norm": None,
     "weight_decay": 0.0,
-    "val_fraction": 0.0,
+    "val_fraction": 0.1,
     "alpha": 1.0,
     "alpha_min": 1.0,
     "beta": 0.5,
@@ -31,7 +31,7 @@ DEFAULTS = {
     "seed": 0,
     "backend": "auto",
 }
-DEFAULT_WIDTH = {"mlp": 64, "cnn": 8}
+DEFAULT_WIDTH = {"mlp": 128, "cnn": 8}
 INITS = ("torch", "glorot_uniform", "he_uniform", "he_normal", "lecun_normal", "orthogonal")
 OUTPUT_FILES = ("results.json", "curves.png", "layer_entropy.png")
 

@@ -272,8 +272,8 @@ def test_help(capsys):
         assert option in text
     flat = " ".join(text.split())
     assert "(default: None)" not in flat
-    assert "passes over the training examples (default: 200)" in flat
-    assert "(default: 32)" in flat and "(default: 64 for mlp, 8 for cnn)" in flat
+    assert "passes over the training examples (default: 100)" in flat
+    assert "(default: 32)" in flat and "(default: 128 for mlp, 8 for cnn)" in flat
 
 
 def test_sweep_script_runs_seeds_and_backends_side_by_side(tmp_path, capsys, monkeypatch):
