@@ -15,6 +15,8 @@ NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 # batch order, never which images are held out.
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
+# The validation split carved from the training data is fixed the same way.
+VALIDATION_SPLIT_SEED = 0
 
 
 class DataError(ValueError):
@@ -147,3 +149,29 @@ def load_npz(path):
         description=(f"{os.path.abspath(path)} (Keras layout), "
                      + ("uint8 scaled to [0, 1], " if raw_train.dtype == np.uint8 else "")
                      + f"standardized with the training set's mean {mean:.4g} and std {std:.4g}"))
+
+
+def split_validation(data, fraction, seed=VALIDATION_SPLIT_SEED):
+    """(train, (x_val, y_val)): a stratified `fraction` of the training examples held out.
+
+    Each class gives round(fraction * its count) examples (at least one where it has two or
+    more), chosen by a fixed seed, so the split does not follow --seed. The test set is left
+    alone: it never chooses anything.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+    rng = np.random.default_rng(seed)
+    held = []
+    for label in np.unique(data.y_train):
+        members = np.flatnonzero(data.y_train == label)
+        count = int(round(fraction * len(members)))
+        if count == 0 and len(members) >= 2:
+            count = 1
+        held.append(rng.permutation(members)[:count])
+    held = np.sort(np.concatenate(held))
+    keep = np.setdiff1d(np.arange(len(data.y_train)), held)
+    if len(keep) < 2 or len(held) < 2:
+        raise DataError(f"a validation fraction of {fraction:g} leaves {len(keep)} training and "
+                        f"{len(held)} validation examples; both need at least 2")
+    train = data._replace(x_train=data.x_train[keep], y_train=data.y_train[keep])
+    return train, (data.x_train[held], data.y_train[held])

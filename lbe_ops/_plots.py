@@ -34,15 +34,24 @@ def plot_curves(results, path):
         history = run["history"]
         epochs = history["epoch"]
         ax_acc.plot(epochs, _series(history["test_accuracy"]), color=style["color"],
-                    label=f"{style['label']}: {run['final_test_accuracy']:.3f}")
+                    label=f"{style['label']}, test: {run['final_test_accuracy']:.3f}")
+        if any(v is not None for v in history.get("validation_accuracy", [])):
+            ax_acc.plot(epochs, _series(history["validation_accuracy"]), color=style["color"],
+                        linestyle="--", linewidth=0.9, alpha=0.8,
+                        label=f"{style['label']}, validation")
+        reported = run.get("reported_epoch")
+        if reported is not None:  # the epoch whose weights the run reports
+            ax_acc.axvline(reported, color=style["color"], linestyle=":", linewidth=1)
+            ax_acc.plot([reported], [run["final_test_accuracy"]], marker="o",
+                        color=style["color"], markersize=5)
         ax_loss.plot(epochs, _series(history["train_task_loss"]), color=style["color"],
                      label=f"{style['label']}, train")
         ax_loss.plot(epochs, _series(history["test_task_loss"]), color=style["color"],
                      linestyle="--", label=f"{style['label']}, test")
     chance = 1.0 / config["num_classes"]
     ax_acc.axhline(chance, color="gray", linestyle=":", linewidth=1, label=f"chance ({chance:.2f})")
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy", ylim=(0, 1.02),
-               title="Test accuracy (legend: final)")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02),
+               title="Accuracy (dotted line, dot: the reported epoch)")
     ax_acc.grid(alpha=0.3)
     ax_acc.legend(loc="center right", fontsize=9)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="Task loss (cross-entropy)")

@@ -1,7 +1,7 @@
 """lbe-train: trains one deep plain ReLU network with and without LBE, and compares the two.
 
     lbe-train                                   # digits, 100 layers, both runs, ~minutes on a CPU
-    lbe-train --data mnist.npz --depth 500 ...  # the paper's setting (see the README, "The main job")
+    lbe-train --data mnist.npz --depth 500 ...  # the paper's setting (docs/training.md)
 
 Both runs start from the same weights, see the batches in the same order and are trained by the
 same code (lbe_ops.keras.wrap -> LBEModel, Adam); the baseline differs only in beta = 0, so its
@@ -10,8 +10,6 @@ folder receives results.json, curves.png (test accuracy and task loss per epoch)
 layer_entropy.png (per-layer batch entropy, layer x epoch, for both runs).
 """
 
-import argparse
-import datetime
 import json
 import math
 import os
@@ -19,170 +17,11 @@ import platform
 import sys
 import time
 
-# The defaults below were chosen by the multi-seed search recorded in the README ("The main job")
-# (scripts/sweep_train.py reruns it).
-DEFAULTS = {
-    "arch": "mlp",
-    "depth": 100,
-    "width": None,          # per architecture, see DEFAULT_WIDTH
-    "epochs": 200,
-    "batch_size": 32,
-    "lr": 1.5e-4,
-    "lr_decay": 0.4,
-    "lr_warmup": 0.0,
-    "clip_norm": None,
-    "alpha": 1.0,
-    "alpha_min": 1.0,
-    "beta": 0.5,
-    "init": "orthogonal",
-    "seed": 0,
-    "backend": "auto",
-}
-DEFAULT_WIDTH = {"mlp": 64, "cnn": 8}
-INITS = ("torch", "glorot_uniform", "he_uniform", "he_normal", "lecun_normal", "orthogonal")
+from lbe_ops_cli import (  # noqa: F401  (the command line, re-exported for scripts and tests)
+    DEFAULT_WIDTH, DEFAULTS, INITS, OUTPUT_FILES, build_parser, default_out_dir, parse_args)
+
+RESULTS_VERSION = 2
 EVAL_BATCH_SIZE = 500
-RESULTS_VERSION = 1
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _batch_size(text):
-    value = _positive_int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(
-            f"the batch entropy needs a batch of at least 2, got {value}")
-    return value
-
-
-def _finite_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _checked_float(accept, expected):
-    """An argparse type: a finite float for which accept(value) holds, else 'expected ...'."""
-    def parse(text):
-        value = _finite_float(text)
-        if not accept(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-    return parse
-
-
-_non_negative_float = _checked_float(lambda value: value >= 0, "a number >= 0")
-_positive_float = _checked_float(lambda value: value > 0, "a number > 0")
-_fraction = _checked_float(lambda value: 0 <= value <= 1, "a fraction in [0, 1]")
-
-
-def build_parser():
-    d = DEFAULTS
-    parser = argparse.ArgumentParser(
-        prog="lbe-train",
-        description=(
-            "Train the same deep plain ReLU network (no residuals, no normalization) twice, "
-            "with Layerwise Batch-Entropy regularization (LBE, Peer et al., TMLR 2022) and "
-            "without, and compare them. With the defaults, on scikit-learn's digits (no "
-            "download), the network without LBE stays near chance while LBE trains it."),
-        epilog=(
-            "Outputs (in --out): results.json (config, per-run final test accuracy, per-epoch "
-            "history, per-layer entropies, wall time), curves.png and layer_entropy.png. "
-            "The paper's setting: lbe-train --data mnist.npz --depth 500 --width 1000 "
-            "--batch-size 128 --lr 1e-5 --lr-decay 0 --init torch --alpha 2.0 --alpha-min 0.2 "
-            "--beta 0.1 --epochs 100 "
-            "(see the README, 'The main job')."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    model = parser.add_argument_group("network")
-    model.add_argument("--arch", choices=("mlp", "cnn"), default=d["arch"],
-                       help="mlp: `depth` Dense+ReLU layers; cnn: `depth` 3x3 Conv2D+ReLU layers "
-                            "(stride 1, same padding); both end in one linear classifier")
-    model.add_argument("--depth", type=_positive_int, default=d["depth"],
-                       help="number of hidden ReLU layers (each one is LBE-regularized)")
-    model.add_argument("--width", type=_positive_int, default=d["width"],
-                       help="units per Dense layer (mlp) or channels per conv layer (cnn); "
-                            f"default {DEFAULT_WIDTH['mlp']} (mlp), {DEFAULT_WIDTH['cnn']} (cnn)")
-    model.add_argument("--init", choices=INITS, default=d["init"],
-                       help="weight initialization; orthogonal: random orthogonal weights "
-                            "(gain 1) and zero biases, under which a plain 100-layer ReLU network "
-                            "without LBE stays at chance (each ReLU halves the signal); torch: "
-                            "PyTorch's default for Linear/Conv (weights and biases "
-                            "U(+-1/sqrt(fan_in))), as in the paper's code, which LBE trained on "
-                            "fewer seeds here (see the README); the others are Keras "
-                            "initializers with zero biases")
-    train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=_positive_int, default=d["epochs"])
-    train.add_argument("--batch-size", type=_batch_size, default=d["batch_size"])
-    train.add_argument("--lr", "--learning-rate", dest="lr", type=_positive_float,
-                       default=d["lr"], help="Adam learning rate")
-    train.add_argument("--lr-decay", type=_fraction, default=d["lr_decay"], metavar="FRACTION",
-                       help="the last FRACTION of the training steps lower the learning rate to "
-                            "0 along a half cosine (0: a constant learning rate)")
-    train.add_argument("--lr-warmup", type=_fraction, default=d["lr_warmup"], metavar="FRACTION",
-                       help="the first FRACTION of the training steps raise the learning rate "
-                            "linearly to --lr (0: no warm-up)")
-    train.add_argument("--clip-norm", type=_positive_float, default=d["clip_norm"],
-                       help="clip the gradient to this global norm (default: no clipping)")
-    train.add_argument("--seed", type=int, default=d["seed"],
-                       help="seed of the initialization and of the batch order (the same for "
-                            "both runs)")
-    lbe = parser.add_argument_group("LBE (loss = CE + CE * mean_l beta*(H_l - "
-                                    "max(alpha_min, |alpha_l|))^2)")
-    lbe.add_argument("--alpha", type=_finite_float, default=d["alpha"],
-                     help="initial value of each layer's learnable entropy target alpha_l")
-    lbe.add_argument("--alpha-min", type=_non_negative_float, default=d["alpha_min"],
-                     help="lower bound of the entropy target")
-    lbe.add_argument("--beta", type=_non_negative_float, default=d["beta"],
-                     help="strength of the LBE term")
-    run = parser.add_argument_group("data, runs and output")
-    run.add_argument("--data", metavar="PATH",
-                     help="a local .npz in the Keras layout (x_train, y_train, x_test, y_test), "
-                          "e.g. MNIST or Fashion-MNIST; default: scikit-learn's digits")
-    run.add_argument("--no-baseline", action="store_true",
-                     help="train only the LBE run")
-    run.add_argument("--backend", choices=("auto", "op", "tf"), default=d["backend"],
-                     help="batch-entropy implementation: op (compiled), tf (pure TensorFlow) "
-                          "or auto (op where available)")
-    run.add_argument("--out", metavar="DIR",
-                     help="output folder (created); default: a new ./lbe-train-YYYYmmdd-HHMMSS")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
-
-
-def parse_args(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.width is None:
-        args.width = DEFAULT_WIDTH[args.arch]
-    if args.data is not None and not os.path.isfile(args.data):
-        parser.error(f"--data: no such file: {args.data}")
-    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
-        parser.error(f"--out: {args.out} exists and is not a folder")
-    return parser, args
-
-
-def default_out_dir():
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = os.path.abspath(f"lbe-train-{stamp}")
-    suffix = 1
-    while os.path.exists(path):
-        suffix += 1
-        path = os.path.abspath(f"lbe-train-{stamp}-{suffix}")
-    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,7 +70,7 @@ def build_network(keras, args, image_shape, num_classes):
 # --------------------------------------------------------------------------------------------
 # Progress
 
-def _make_progress_callback(keras, label, epochs, quiet):
+def _make_progress_callback(keras, label, epochs, quiet, held_out):
     class EpochProgress(keras.callbacks.Callback):
         """One bar per run over the epochs (a line every ~5% when stdout is not a terminal)."""
 
@@ -249,7 +88,8 @@ def _make_progress_callback(keras, label, epochs, quiet):
             if self.interactive and not quiet:
                 self.bar = keras.utils.Progbar(
                     epochs, width=25, unit_name="epoch",
-                    stateful_metrics=["loss", "task_loss", "lbe", "acc", "test_acc", "H"])
+                    stateful_metrics=["loss", "task_loss", "lbe", "acc", "val_acc", "test_acc",
+                                      "H"])
 
         def on_epoch_begin(self, epoch, logs=None):
             self._epoch_start = time.perf_counter()
@@ -258,9 +98,11 @@ def _make_progress_callback(keras, label, epochs, quiet):
             self.epoch_times.append(time.perf_counter() - self._epoch_start)
             logs = logs or {}
             values = [("task_loss", logs.get("task_loss", float("nan"))),
-                      ("acc", logs.get("accuracy", float("nan"))),
-                      ("test_acc", logs.get("val_accuracy", float("nan"))),
-                      ("H", logs.get("entropy_mean", float("nan")))]
+                      ("acc", logs.get("accuracy", float("nan")))]
+            if "val_accuracy" in logs:
+                values.append(("val_acc", logs["val_accuracy"]))
+            values += [("test_acc", held_out.test[-1]["accuracy"]),
+                       ("H", logs.get("entropy_mean", float("nan")))]
             if quiet:
                 return
             if self.bar is not None:
@@ -276,20 +118,28 @@ def _make_progress_callback(keras, label, epochs, quiet):
 # --------------------------------------------------------------------------------------------
 # One run
 
-def _datasets(tf, data, batch_size, seed):
+def _eval_batch_size(count):
+    """One or a few batches, none of them a single example (no batch entropy at ddof=1)."""
+    size = min(EVAL_BATCH_SIZE, count)
+    while count % size == 1:
+        size -= 1
+    return size
+
+
+def _datasets(tf, data, validation, batch_size, seed):
+    """(train, validation or None, test) tf.data pipelines. The training pipeline keeps a last
+    batch of one example: the Keras integration leaves it out of the LBE term."""
     train_count = len(data.x_train)
-    # A last batch of one example has no batch entropy (ddof=1): drop it in that one case.
-    drop_remainder = train_count % batch_size == 1
     train = (tf.data.Dataset.from_tensor_slices((data.x_train, data.y_train))
              .shuffle(train_count, seed=seed, reshuffle_each_iteration=True)
-             .batch(batch_size, drop_remainder=drop_remainder)
+             .batch(batch_size)
              .prefetch(tf.data.AUTOTUNE))
-    test_count = len(data.x_test)
-    eval_batch = min(EVAL_BATCH_SIZE, test_count)
-    while test_count % eval_batch == 1:
-        eval_batch -= 1
-    test = tf.data.Dataset.from_tensor_slices((data.x_test, data.y_test)).batch(eval_batch)
-    return train, test
+
+    def held_out(x, y):
+        return tf.data.Dataset.from_tensor_slices((x, y)).batch(_eval_batch_size(len(x)))
+
+    val = held_out(*validation) if validation is not None else None
+    return train, val, held_out(data.x_test, data.y_test)
 
 
 def learning_rate(keras, lr, total_steps, decay, warmup=0.0):
@@ -329,7 +179,40 @@ def _round(values, digits=5):
             for v in values]
 
 
-def train_one(name, args, data, initial_weights, quiet):
+def _make_selection_callback(keras, test_ds, has_validation):
+    """Evaluates the test set after every epoch (for the curves only) and, with a validation
+    split, keeps the weights of the epoch with the best validation accuracy (ties: the lower
+    validation task loss, then the earlier epoch)."""
+
+    class HeldOut(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.test = []          # evaluate() dicts, one per epoch
+            self.best_epoch = None  # 1-based
+            self.best_key = None
+            self.best_weights = None
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            result = self.model.evaluate(test_ds, verbose=0, return_dict=True)
+            result.update({f"entropy/{layer}": value for layer, value
+                           in self.model.layer_entropies(validation=True).items()})
+            self.test.append(result)
+            if not has_validation:
+                return
+            accuracy = logs.get("val_accuracy", float("nan"))
+            loss = logs.get("val_task_loss", float("inf"))
+            if not (math.isfinite(accuracy) and math.isfinite(loss)):
+                return
+            key = (accuracy, -loss)
+            if self.best_key is None or key > self.best_key:
+                self.best_key, self.best_epoch = key, epoch + 1
+                self.best_weights = self.model.get_weights()
+
+    return HeldOut()
+
+
+def train_one(name, args, data, validation, initial_weights, quiet):
     """Trains one run; returns its results.json entry."""
     import keras
     import tensorflow as tf
@@ -343,12 +226,18 @@ def train_one(name, args, data, initial_weights, quiet):
     network = build_network(keras, args, data.image_shape, data.num_classes)
     network.set_weights(initial_weights)
     model = lbe_keras.wrap(network, alpha=args.alpha, alpha_min=args.alpha_min, beta=beta)
-    train_ds, test_ds = _datasets(tf, data, args.batch_size, args.seed)
+    train_ds, val_ds, test_ds = _datasets(tf, data, validation, args.batch_size, args.seed)
     steps = args.epochs * int(train_ds.cardinality())
+    optimizer = keras.optimizers.Adam(
+        learning_rate=learning_rate(keras, args.lr, steps, args.lr_decay, args.lr_warmup),
+        global_clipnorm=args.clip_norm, weight_decay=args.weight_decay or None)
+    if args.weight_decay:
+        # Decay the kernels only: not the biases, nor the learned entropy targets.
+        optimizer.exclude_from_weight_decay(
+            var_list=[model.lbe_alphas] if model.lbe_alphas is not None else None,
+            var_names=["bias"])
     model.compile(
-        optimizer=keras.optimizers.Adam(
-            learning_rate=learning_rate(keras, args.lr, steps, args.lr_decay, args.lr_warmup),
-            global_clipnorm=args.clip_norm),
+        optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
 
@@ -356,33 +245,49 @@ def train_one(name, args, data, initial_weights, quiet):
     initial = model.evaluate(test_ds, verbose=0, return_dict=True)
     initial_entropies = model.layer_entropies(validation=True)
     layer_names = list(initial_entropies)
+    initial_val = (model.evaluate(val_ds, verbose=0, return_dict=True)
+                   if val_ds is not None else {})
 
     logger = lbe_keras.LayerEntropyLogger()
+    held_out = _make_selection_callback(keras, test_ds, val_ds is not None)
     label = "LBE run" if name == "lbe" else "baseline run (beta = 0)"
-    progress = _make_progress_callback(keras, label, args.epochs, quiet)
-    fit = model.fit(train_ds, epochs=args.epochs, validation_data=test_ds,
-                    callbacks=[logger, progress], shuffle=False, verbose=0)
-    wall = time.perf_counter() - started
-    cpu = time.process_time() - cpu_started
+    progress = _make_progress_callback(keras, label, args.epochs, quiet, held_out)
+    fit = model.fit(train_ds, epochs=args.epochs, validation_data=val_ds,
+                    callbacks=[logger, held_out, progress], shuffle=False, verbose=0)
     logs = fit.history
 
-    def column(key, first=None):
-        return _round([first] + list(logs.get(key, [None] * args.epochs)))
+    if held_out.best_weights is not None:
+        reported_epoch = held_out.best_epoch
+        selection = ("the epoch with the best validation accuracy (ties: lower validation "
+                     f"task loss), on {len(validation[1])} examples held out of the training data")
+        model.set_weights(held_out.best_weights)
+    else:
+        reported_epoch = args.epochs
+        selection = "the last epoch (no validation split)"
+    reported = held_out.test[reported_epoch - 1]
+    wall = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
+
+    def column(key, first=None, source=None):
+        values = logs.get(key) if source is None else [epoch.get(key) for epoch in source]
+        return _round([first] + list(values or [None] * args.epochs))
 
     history = {
         "epoch": list(range(args.epochs + 1)),
-        "test_accuracy": column("val_accuracy", initial["accuracy"]),
-        "test_task_loss": column("val_task_loss", initial["task_loss"]),
+        "test_accuracy": column("accuracy", initial["accuracy"], held_out.test),
+        "test_task_loss": column("task_loss", initial["task_loss"], held_out.test),
+        "validation_accuracy": column("val_accuracy", initial_val.get("accuracy")),
+        "validation_task_loss": column("val_task_loss", initial_val.get("task_loss")),
         "train_accuracy": column("accuracy"),
         "train_task_loss": column("task_loss"),
         "train_loss": column("loss"),
         "train_lbe": column("lbe"),
         "train_entropy_mean": column("entropy_mean"),
-        "test_entropy_mean": column("val_entropy_mean", initial.get("entropy_mean")),
+        "test_entropy_mean": column("entropy_mean", initial.get("entropy_mean"), held_out.test),
         "epoch_time_s": _round([None] + progress.epoch_times, 3),
     }
     per_layer_test = [_round([initial_entropies[layer]]
-                             + logs.get(f"val_entropy/{layer}", []), 4)
+                             + [epoch.get(f"entropy/{layer}") for epoch in held_out.test], 4)
                       for layer in layer_names]
     per_layer_train = [_round([None] + logs.get(f"entropy/{layer}", []), 4)
                        for layer in layer_names]
@@ -390,10 +295,17 @@ def train_one(name, args, data, initial_weights, quiet):
     test_accuracy = history["test_accuracy"]
     return {
         "beta": beta,
-        "final_test_accuracy": test_accuracy[-1],
+        # The test accuracy of the reported weights (see "selection").
+        "final_test_accuracy": round(float(reported["accuracy"]), 5),
+        "reported_epoch": reported_epoch,
+        "selection": selection,
+        "validation_accuracy": (None if held_out.best_key is None
+                                else round(float(held_out.best_key[0]), 5)),
+        "last_epoch_test_accuracy": test_accuracy[-1],
+        # The best test accuracy of any epoch: for reference only, it chooses nothing.
         "best_test_accuracy": max(v for v in test_accuracy if v is not None),
-        "final_test_task_loss": history["test_task_loss"][-1],
-        "final_train_task_loss": history["train_task_loss"][-1],
+        "final_test_task_loss": round(float(reported["task_loss"]), 5),
+        "final_train_task_loss": history["train_task_loss"][reported_epoch],
         "wall_time_s": round(wall, 2),
         "cpu_time_s": round(cpu, 2),     # all threads of this process
         "history": history,
@@ -401,6 +313,7 @@ def train_one(name, args, data, initial_weights, quiet):
         # batches at the end of each epoch; "train": means over the epoch's training steps.
         "layer_entropy": {"layers": layer_names, "test": per_layer_test,
                           "train": per_layer_train},
+        # The entropy targets of the reported weights.
         "final_alpha": _round(alphas, 4),
     }
 
@@ -409,13 +322,14 @@ def train_one(name, args, data, initial_weights, quiet):
 # Report
 
 def _summary_table(results):
-    header = ("run", "final test acc", "best test acc", "train CE", "test CE", "wall time")
+    header = ("run", "test acc", "epoch", "last epoch", "train CE", "test CE", "wall time")
     rows = []
     for name, run in results["runs"].items():
         rows.append((
             "LBE" if name == "lbe" else "baseline",
             f"{run['final_test_accuracy']:.4f}",
-            f"{run['best_test_accuracy']:.4f}",
+            str(run["reported_epoch"]),
+            _fmt(run["last_epoch_test_accuracy"]),
             _fmt(run["final_train_task_loss"]),
             _fmt(run["final_test_task_loss"]),
             f"{run['wall_time_s']:.0f} s"))
@@ -441,12 +355,24 @@ def _environment():
         "keras": keras.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         # Other processes on the machine slow the runs down: the 1/5/15-minute load averages
         # when this one started put the wall times in context.
         "load_average": _load_average(),
         "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
     }
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def _load_average():
@@ -457,7 +383,13 @@ def _load_average():
 
 
 def main(argv=None):
+    """lbe-train with the given arguments (sys.argv[1:] by default); returns the exit code."""
     parser, args = parse_args(argv)
+    return run(parser, args)
+
+
+def run(parser, args):
+    """Trains and reports, from parsed arguments; errors in the data go through parser.error."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     from lbe_ops import _data
@@ -488,12 +420,19 @@ def main(argv=None):
                  if args.lr_decay > 0 else "")
               + (f", warm-up over the first {args.lr_warmup:.0%}" if args.lr_warmup > 0 else "")
               + (f", clip norm {args.clip_norm:g}" if args.clip_norm else "")
+              + (f", weight decay {args.weight_decay:g}" if args.weight_decay else "")
               + f", batch {args.batch_size}, "
               f"{args.epochs} epochs, seed {args.seed}")
         print(f"LBE: alpha {args.alpha:g}, alpha_min {args.alpha_min:g}, beta {args.beta:g}")
         os.makedirs(out_dir, exist_ok=True)
         print(f"output: {out_dir}", flush=True)
 
+        validation = None
+        if args.val_fraction > 0:
+            data, validation = _data.split_validation(data, args.val_fraction)
+            print(f"validation: {len(validation[1])} of the training examples held out "
+                  f"(fraction {args.val_fraction:g}); the reported weights are those of the "
+                  "epoch with the best validation accuracy")
         keras.utils.set_random_seed(args.seed)
         initial_weights = build_network(keras, args, data.image_shape,
                                         data.num_classes).get_weights()
@@ -501,7 +440,9 @@ def main(argv=None):
             "arch": args.arch, "depth": args.depth, "width": args.width, "init": args.init,
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
             "lr_decay": args.lr_decay, "lr_warmup": args.lr_warmup, "clip_norm": args.clip_norm,
-            "optimizer": "adam", "alpha": args.alpha, "alpha_min": args.alpha_min,
+            "optimizer": "adamw" if args.weight_decay else "adam",
+            "weight_decay": args.weight_decay, "val_fraction": args.val_fraction,
+            "validation_examples": 0 if validation is None else len(validation[1]), "alpha": args.alpha, "alpha_min": args.alpha_min,
             "beta": args.beta, "ddof": 1, "seed": args.seed,
             "loss": "CE + CE * mean_l beta*(H_l - max(alpha_min, |alpha_l|))^2; baseline: beta=0",
             "data": data.name, "data_description": data.description,
@@ -516,7 +457,8 @@ def main(argv=None):
         started = time.perf_counter()
         for i, name in enumerate(names):
             print(f"\n[{i + 1}/{len(names)}]", end=" ")
-            results["runs"][name] = train_one(name, args, data, initial_weights, args.quiet)
+            results["runs"][name] = train_one(name, args, data, validation, initial_weights,
+                                              args.quiet)
         results["total_wall_time_s"] = round(time.perf_counter() - started, 2)
 
     results_path = os.path.join(out_dir, "results.json")
@@ -526,6 +468,9 @@ def main(argv=None):
 
     print()
     print(_summary_table(results))
+    print("test acc: the test accuracy of the reported weights, those of the epoch in the "
+          "'epoch' column (" + next(iter(results["runs"].values()))["selection"] + "); "
+          "last epoch: the test accuracy after the last epoch")
     print(f"\nchance: {1 / data.num_classes:.3f}; total wall time "
           f"{results['total_wall_time_s']:.0f} s")
     print(f"wrote {results_path}")

@@ -118,6 +118,7 @@ need(not any("libtensorflow" in n for n in names), "a TensorFlow library was gra
 for package in ("lbe_ops", "lbe_ops.bench", "lbe_ops.keras"):  # [tool.setuptools] packages
     init = package.replace(".", "/") + "/__init__.py"
     need(init in names, f"the package {package} is missing ({init})")
+need("lbe_ops_cli.py" in names, "lbe_ops_cli.py (the console scripts) is missing")  # py-modules
 built = info.get("built_with_tf") or ""
 need(re.fullmatch(r"\d+\.\d+\.\d+.*", built), f"_build_info.json has no TensorFlow version: {info}")
 series = ".".join(built.split(".")[:2])
@@ -237,6 +238,9 @@ run_clean() {  # runs the venv's python in an empty directory, with nothing from
 }
 step "smoke check from $work/run"
 run_clean "$venv_python" smoke.py || fail "the smoke check of the installed wheel failed"
+for script in lbe-train lbe-bench; do  # the console scripts start and answer --help
+  run_clean "$work/venv/bin/$script" --help >/dev/null || fail "$script --help failed"
+done
 
 # ---- 6. optional: the version guard against a real other TensorFlow -------------------------
 if [ -n "${LBE_WHEEL_FOREIGN_TF:-}" ]; then

@@ -22,7 +22,7 @@ def _check_png(path):
     assert float(np.ptp(image)) > 0, f"{path} is blank"
 
 
-def _check_run(run, epochs, depth, beta):
+def _check_run(run, epochs, depth, beta, validated=True):
     assert run["beta"] == beta
     assert 0.0 <= run["final_test_accuracy"] <= 1.0
     assert run["best_test_accuracy"] >= run["final_test_accuracy"]
@@ -31,9 +31,22 @@ def _check_run(run, epochs, depth, beta):
     assert history["epoch"] == list(range(epochs + 1))
     for key in ("test_accuracy", "test_task_loss", "train_accuracy", "train_task_loss",
                 "train_loss", "train_lbe", "train_entropy_mean", "test_entropy_mean",
-                "epoch_time_s"):
+                "validation_accuracy", "validation_task_loss", "epoch_time_s"):
         assert len(history[key]) == epochs + 1, key
-    assert history["test_accuracy"][-1] == run["final_test_accuracy"]
+    # The reported weights are those of one epoch: its test accuracy is the reported one.
+    epoch = run["reported_epoch"]
+    assert 1 <= epoch <= epochs
+    assert history["test_accuracy"][epoch] == pytest.approx(run["final_test_accuracy"], abs=1e-5)
+    assert history["test_accuracy"][-1] == run["last_epoch_test_accuracy"]
+    if validated:
+        accuracy = history["validation_accuracy"]
+        assert run["validation_accuracy"] == pytest.approx(max(accuracy[1:]), abs=1e-5)
+        assert accuracy[epoch] == pytest.approx(max(accuracy[1:]), abs=1e-5)
+        assert "validation" in run["selection"]
+    else:
+        assert epoch == epochs and run["validation_accuracy"] is None
+        assert history["validation_accuracy"] == [None] * (epochs + 1)
+        assert "last epoch" in run["selection"]
     assert history["train_task_loss"][0] is None  # epoch 0: no training step yet
     assert all(np.isfinite(v) for v in history["test_task_loss"])
     assert all(np.isfinite(v) and v > 0 for v in history["train_task_loss"][1:])
@@ -48,17 +61,21 @@ def _check_run(run, epochs, depth, beta):
 def test_digits_end_to_end(tmp_path, capsys):
     pytest.importorskip("sklearn")
     out = tmp_path / "out"
-    assert train.main(TINY + ["--out", str(out), "--lr", "1e-3", "--seed", "3"]) == 0
+    assert train.main(TINY + ["--out", str(out), "--lr", "1e-3", "--seed", "3",
+                              "--val-fraction", "0.1"]) == 0
     printed = capsys.readouterr().out
     assert "batch entropy backend:" in printed
-    assert "final test acc" in printed and "baseline" in printed
+    assert "test acc" in printed and "baseline" in printed
+    assert "142 of the training examples held out" in printed
 
     results = json.loads((out / "results.json").read_text())
     config = results["config"]
     assert config["depth"] == 3 and config["width"] == 8 and config["epochs"] == 2
     assert config["lr"] == 1e-3 and config["seed"] == 3 and config["arch"] == "mlp"
     assert config["data"] == "digits" and config["num_classes"] == 10
-    assert config["train_examples"] + config["test_examples"] == 1797
+    assert config["train_examples"] + config["validation_examples"] + config[
+        "test_examples"] == 1797
+    assert config["val_fraction"] == 0.1
     assert config["backend"] in ("op", "tf")
     assert set(results["runs"]) == {"lbe", "baseline"}
     _check_run(results["runs"]["lbe"], epochs=2, depth=3, beta=train.DEFAULTS["beta"])
@@ -89,9 +106,12 @@ def _write_npz(path, image_shape=(6, 6), train_count=41, test_count=17, classes=
 def test_npz_data_and_default_out_dir(tmp_path, monkeypatch, capsys, arch):
     data = _write_npz(tmp_path / "tiny.npz")
     monkeypatch.chdir(tmp_path)
-    # 41 training examples with batch 8 leave a last batch of 1, which must be dropped.
+    # cnn: all 41 training examples with batch 8 leave a last batch of 1 each epoch, which
+    # trains (the LBE term leaves it out); mlp: a validation split of the 41.
+    validated = arch == "mlp"
     argv = ["--data", str(data), "--arch", arch, "--depth", "2", "--width", "4",
-            "--epochs", "2", "--batch-size", "8", "--no-baseline", "--backend", "tf"]
+            "--epochs", "2", "--batch-size", "8", "--no-baseline", "--backend", "tf",
+            "--val-fraction", "0.2" if validated else "0"]
     assert train.main(argv) == 0
     capsys.readouterr()
     outs = [p for p in tmp_path.iterdir() if p.name.startswith("lbe-train-")]
@@ -102,7 +122,8 @@ def test_npz_data_and_default_out_dir(tmp_path, monkeypatch, capsys, arch):
     assert config["input_shape"] == [6, 6, 1] and config["arch"] == arch
     assert config["backend"] == "tf" and config["baseline"] is False
     assert set(results["runs"]) == {"lbe"}
-    _check_run(results["runs"]["lbe"], epochs=2, depth=2, beta=train.DEFAULTS["beta"])
+    _check_run(results["runs"]["lbe"], epochs=2, depth=2, beta=train.DEFAULTS["beta"],
+               validated=validated)
     for name in ("curves.png", "layer_entropy.png"):
         _check_png(outs[0] / name)
 
@@ -127,6 +148,8 @@ def _error(capsys, argv):
     (["--lr-decay", "1.5"], "--lr-decay: expected a fraction in [0, 1]"),
     (["--clip-norm", "0"], "--clip-norm: expected a number > 0"),
     (["--init", "zeros"], "invalid choice: 'zeros'"),
+    (["--val-fraction", "0.95"], "--val-fraction: expected a fraction in [0, 0.9)"),
+    (["--weight-decay", "-1"], "--weight-decay: expected a number >= 0"),
 ])
 def test_bad_arguments(capsys, argv, message):
     assert message in _error(capsys, argv)
@@ -170,12 +193,71 @@ def test_schedule_and_clipping_reach_the_results(tmp_path, capsys):
     pytest.importorskip("sklearn")
     out = tmp_path / "out"
     argv = TINY + ["--out", str(out), "--no-baseline", "--lr-decay", "0.5", "--clip-norm",
-                   "2", "--init", "orthogonal"]
+                   "2", "--init", "orthogonal", "--weight-decay", "1e-4"]
     assert train.main(argv) == 0
-    assert "cosine to 0 over the last 50% of the steps" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "cosine to 0 over the last 50% of the steps" in printed
+    assert "weight decay 0.0001" in printed
     config = json.loads((out / "results.json").read_text())["config"]
     assert config["lr_decay"] == 0.5 and config["clip_norm"] == 2.0
     assert config["init"] == "orthogonal"
+    assert config["weight_decay"] == 1e-4 and config["optimizer"] == "adamw"
+
+
+def test_out_refuses_an_earlier_run_unless_overwrite(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")       # a folder with other files is fine
+    argv = TINY + ["--depth", "2", "--epochs", "1", "--no-baseline", "--out", str(out)]
+    assert train.main(argv) == 0
+    first = (out / "results.json").read_text()
+    capsys.readouterr()
+    err = _error(capsys, argv)
+    assert "already holds a run (results.json, curves.png, layer_entropy.png)" in err
+    assert "--overwrite" in err
+    assert (out / "results.json").read_text() == first
+    assert train.main(argv + ["--overwrite", "--seed", "5"]) == 0
+    assert json.loads((out / "results.json").read_text())["config"]["seed"] == 5
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_validation_split_is_stratified_fixed_and_disjoint():
+    from lbe_ops import _data
+
+    data = _data.Dataset(
+        name="toy", x_train=np.arange(60, dtype=np.float32).reshape(60, 1, 1, 1),
+        y_train=np.repeat(np.arange(3), 20), x_test=np.zeros((4, 1, 1, 1), np.float32),
+        y_test=np.zeros(4, np.int64), num_classes=3, description="")
+    train_part, (x_val, y_val) = _data.split_validation(data, 0.1)
+    assert np.bincount(y_val).tolist() == [2, 2, 2]
+    assert len(train_part.x_train) == 54 and len(x_val) == 6
+    assert not set(x_val.ravel()) & set(train_part.x_train.ravel())
+    assert set(x_val.ravel()) | set(train_part.x_train.ravel()) == set(range(60))
+    again = _data.split_validation(data, 0.1)[1][0]
+    np.testing.assert_array_equal(again, x_val)       # the same split every time
+    assert train_part.x_test is data.x_test
+    tiny = data._replace(x_train=data.x_train[:2], y_train=np.array([0, 1]))
+    with pytest.raises(_data.DataError, match="both need at least 2"):
+        _data.split_validation(tiny, 0.5)
+
+
+def test_command_line_is_parsed_before_tensorflow_is_imported():
+    """lbe-train's console script starts in lbe_ops_cli: --help and wrong arguments answer
+    without importing TensorFlow (seconds)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lbe_ops_cli\n"
+            "try:\n    lbe_ops_cli.train_main(sys.argv[1:])\n"
+            "except SystemExit as exc:\n"
+            "    print('exit', exc.code, 'tensorflow' in sys.modules)\n")
+    for argv, status, expected in ((["--depth", "0"], 2, "--depth: expected a positive"),
+                                   (["--help"], 0, "usage: lbe-train")):
+        proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.stdout.strip().splitlines()[-1] == f"exit {status} False", proc.stdout
+        assert expected in proc.stdout + proc.stderr
 
 
 def test_help(capsys):
@@ -185,14 +267,20 @@ def test_help(capsys):
     text = capsys.readouterr().out
     for option in ("--depth", "--width", "--epochs", "--batch-size", "--lr", "--alpha",
                    "--alpha-min", "--beta", "--seed", "--backend", "--no-baseline", "--data",
-                   "--out", "--arch", "--lr-decay", "--clip-norm", "--init"):
+                   "--out", "--arch", "--lr-decay", "--clip-norm", "--init", "--val-fraction",
+                   "--weight-decay", "--overwrite"):
         assert option in text
+    flat = " ".join(text.split())
+    assert "(default: None)" not in flat
+    assert "passes over the training examples (default: 100)" in flat
+    assert "(default: 32)" in flat and "(default: 128 for mlp, 8 for cnn)" in flat
 
 
-def test_sweep_script_runs_seeds_side_by_side(tmp_path, capsys, monkeypatch):
-    """scripts/sweep_train.py (the README's multi-seed table): two tiny seeds, two at a time. Run
-    from the repository root, as the README does, without the suite's PYTHONSAFEPATH: the seeds
-    must still use the installed package's compiled op, not the source tree's fallback."""
+def test_sweep_script_runs_seeds_and_backends_side_by_side(tmp_path, capsys, monkeypatch):
+    """scripts/sweep_train.py (docs/training.md's grid): one tiny seed through both backends, two
+    runs at a time. Run from the repository root, as the docs do, without the suite's
+    PYTHONSAFEPATH: the op runs must still use the installed package's compiled op, not the
+    source tree's fallback."""
     pytest.importorskip("sklearn")
     import importlib.util
 
@@ -204,16 +292,20 @@ def test_sweep_script_runs_seeds_side_by_side(tmp_path, capsys, monkeypatch):
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)
     out = tmp_path / "sweep"
-    argv = ["--seeds", "0", "1", "--jobs", "2", "--out", str(out), "--",
+    argv = ["--seeds", "0", "--backends", "op", "tf", "--jobs", "2", "--out", str(out), "--",
             "--depth", "2", "--width", "4", "--epochs", "1"]
     assert sweep.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "| seed |" in printed and "**mean**" in printed
+    assert "| seed |" in printed and "LBE over 2 runs: min" in printed
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["seeds"] == [0, 1]
+    assert summary["seeds"] == [0] and summary["backends"] == ["op", "tf"]
     assert summary["config"]["depth"] == 2 and "seed" not in summary["config"]
-    assert summary["config"]["backend"] == "op", summary["config"]
-    for name in ("lbe", "baseline"):
-        final = summary["summary"][name]["final_test_accuracy"]
-        assert 0.0 <= final["min"] <= final["mean"] <= final["max"] <= 1.0
+    op_run = json.loads((out / "op-seed-0" / "results.json").read_text())
+    tf_run = json.loads((out / "tf-seed-0" / "results.json").read_text())
+    assert op_run["config"]["backend"] == "op" and tf_run["config"]["backend"] == "tf"
+    # The baseline does not depend on the backend: trained once per seed.
+    assert set(op_run["runs"]) == {"lbe", "baseline"} and set(tf_run["runs"]) == {"lbe"}
+    result = summary["summary"]
+    assert result["lbe_runs"] == 2 and result["baseline_runs"] == 1
+    assert 0.0 <= result["lbe_min"] <= result["lbe_median"] <= result["lbe_max"] <= 1.0
     assert (out / "summary.md").read_text().startswith("| seed |")
