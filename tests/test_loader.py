@@ -16,24 +16,32 @@ import pytest
 
 import lbe_ops
 
+# What both snippets below measure and print: three single calls, one grouped call, the backend
+# and every lbe_ops warning recorded in `caught`.
+_MEASURE = """
+x = tf.constant(np.random.default_rng(0).standard_normal((32, 6)), tf.float32)
+values = [float(lbe_ops.batch_entropy(x)) for _ in range(3)]
+values.append(float(lbe_ops.batch_entropies([x, x])[1]))
+"""
+_REPORT = """
+messages = [str(w.message) for w in caught if "lbe_ops" in str(w.message)]
+print(json.dumps({"info": lbe_ops.backend_info(), "values": values, "warnings": messages}))
+"""
+
 SNIPPET = textwrap.dedent("""
     import json, warnings
     warnings.simplefilter("always")
     with warnings.catch_warnings(record=True) as caught:
         import numpy as np, tensorflow as tf, lbe_ops
-        x = tf.constant(np.random.default_rng(0).standard_normal((32, 6)), tf.float32)
-        values = [float(lbe_ops.batch_entropy(x)) for _ in range(3)]
-        values.append(float(lbe_ops.batch_entropies([x, x])[1]))
-    messages = [str(w.message) for w in caught if "lbe_ops" in str(w.message)]
-    print(json.dumps({"info": lbe_ops.backend_info(), "values": values, "warnings": messages}))
-""")
+""") + textwrap.indent(_MEASURE, "    ") + _REPORT
 
 
-def run_python(code, **env):
+def run_python(code, args=(), **env):
+    """Runs `python -c code *args` with LBE_OPS_BACKEND unset unless env gives it."""
     full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **env)
     full_env.pop("LBE_OPS_BACKEND", None)
     full_env.update(env)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           env=full_env, timeout=300)
     return proc
 
@@ -283,24 +291,12 @@ GPU_SNIPPET = textwrap.dedent("""
     _loader._gpu_facts = lambda: ([tuple(c) for c in capabilities], driver)
     os.environ["LBE_OPS_BACKEND"] = sys.argv[2]
     with warnings.catch_warnings(record=True) as caught:
-        x = tf.constant(np.random.default_rng(0).standard_normal((32, 6)), tf.float32)
-        values = [float(lbe_ops.batch_entropy(x)) for _ in range(3)]
-        values.append(float(lbe_ops.batch_entropies([x, x])[1]))
-    messages = [str(w.message) for w in caught if "lbe_ops" in str(w.message)]
-    print(json.dumps({"info": lbe_ops.backend_info(), "values": values, "warnings": messages}))
-""")
+""") + textwrap.indent(_MEASURE, "    ") + _REPORT
 
 
 def run_with_gpu_facts(capabilities, driver, backend="auto"):
-    return run_python_args(GPU_SNIPPET, [json.dumps([capabilities, driver]), backend],
-                           LBE_OPS_BACKEND="tf")
-
-
-def run_python_args(code, args, **env):
-    full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    full_env.update(env)
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          env=full_env, timeout=300)
+    return run_python(GPU_SNIPPET, [json.dumps([capabilities, driver]), backend],
+                      LBE_OPS_BACKEND="tf")
 
 
 @pytest.fixture
