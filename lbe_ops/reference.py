@@ -60,7 +60,6 @@ def _check_runtime_batch(flat, ddof, name):
         tf.debugging.assert_greater(
             batch, ddof,
             message=f"{name}: batch entropy with ddof={ddof} needs a batch of at least {ddof + 1}")
-    return batch
 
 
 def _degrees_of_freedom(flat, batch, ddof):
