@@ -252,6 +252,8 @@ def train_one(name, args, data, validation, initial_weights, quiet):
     held_out = _make_selection_callback(keras, test_ds, val_ds is not None)
     label = "LBE run" if name == "lbe" else "baseline run (beta = 0)"
     progress = _make_progress_callback(keras, label, args.epochs, quiet, held_out)
+    # The order matters: the logger reads the validation entropies before held_out's evaluate()
+    # of the test set resets them, and progress prints held_out's test accuracy of the epoch.
     fit = model.fit(train_ds, epochs=args.epochs, validation_data=val_ds,
                     callbacks=[logger, held_out, progress], shuffle=False, verbose=0)
     logs = fit.history
