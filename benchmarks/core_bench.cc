@@ -22,10 +22,11 @@
 
 namespace {
 
+// The forward writes, and the backward reads, the mean residuals, as the ops do.
 struct Group {
-  std::vector<std::vector<float>> x, dx, mean, variance;
-  std::vector<const void*> x_ptr, mean_in, variance_in;
-  std::vector<void*> dx_ptr, mean_out, variance_out;
+  std::vector<std::vector<float>> x, dx, mean, variance, residual;
+  std::vector<const void*> x_ptr, mean_in, variance_in, residual_in;
+  std::vector<void*> dx_ptr, mean_out, variance_out, residual_out;
   std::vector<float> entropy, grad_entropy;
 };
 
@@ -36,6 +37,7 @@ Group MakeGroup(int64_t n, int64_t b, int64_t u, std::mt19937& gen) {
   g.dx.resize(n);
   g.mean.resize(n);
   g.variance.resize(n);
+  g.residual.resize(n);
   g.entropy.resize(n);
   g.grad_entropy.assign(n, 1.0f);
   for (int64_t i = 0; i < n; ++i) {
@@ -44,12 +46,15 @@ Group MakeGroup(int64_t n, int64_t b, int64_t u, std::mt19937& gen) {
     g.dx[i].resize(b * u);
     g.mean[i].resize(u);
     g.variance[i].resize(u);
+    g.residual[i].resize(u);
     g.x_ptr.push_back(g.x[i].data());
     g.dx_ptr.push_back(g.dx[i].data());
     g.mean_out.push_back(g.mean[i].data());
     g.variance_out.push_back(g.variance[i].data());
     g.mean_in.push_back(g.mean[i].data());
     g.variance_in.push_back(g.variance[i].data());
+    g.residual_out.push_back(g.residual[i].data());
+    g.residual_in.push_back(g.residual[i].data());
   }
   return g;
 }
@@ -99,6 +104,7 @@ int main(int argc, char** argv) {
     a.mean = g.mean_out.data();
     a.variance = g.variance_out.data();
     a.entropy = g.entropy.data();
+    a.mean_residual = g.residual_out.data();
     return lbe::cpu::Forward(a, parallel_for);
   };
   auto backward = [&](Group& g) {
@@ -111,6 +117,7 @@ int main(int argc, char** argv) {
     a.variance = g.variance_in.data();
     a.grad_entropy = g.grad_entropy.data();
     a.dx = g.dx_ptr.data();
+    a.mean_residual = g.residual_in.data();
     return lbe::cpu::Backward(a, parallel_for);
   };
   for (int warm = 0; warm < 3; ++warm) {

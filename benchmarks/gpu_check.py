@@ -108,11 +108,13 @@ def time_shape(dev, core, shape, dtype, timer, include_torch=True, min_ms=25.0, 
     dxs = [torch.empty_like(x) for x in xs]
     means = [torch.empty(units, dtype=dev.tdtype(stats), device=dev.dev) for _ in range(n_sets)]
     variances = [torch.empty(units, dtype=dev.tdtype(stats), device=dev.dev) for _ in range(n_sets)]
+    residuals = [torch.empty(units, dtype=dev.tdtype(stats), device=dev.dev) for _ in range(n_sets)]
     ents = [torch.empty(1, dtype=dev.tdtype(dtype), device=dev.dev) for _ in range(n_sets)]
     g = torch.ones(1, dtype=dev.tdtype(dtype), device=dev.dev)
     c = lambda t: dev.cai(t)
     cx, cdx = [c(t) for t in xs], [c(t) for t in dxs]
     cm, cv, ce, cg = [c(t) for t in means], [c(t) for t in variances], [c(t) for t in ents], c(g)
+    cr = [c(t) for t in residuals]
     fwd_bytes = core.cuda_forward_workspace_bytes([cx[0]], [cm[0]], [cv[0]], ce[0], dtype=dtype)
     bwd_bytes = core.cuda_backward_workspace_bytes([cx[0]], [cm[0]], [cv[0]], cg, [cdx[0]], dtype=dtype)
     ws_f_t = torch.empty(max(fwd_bytes, 16), dtype=torch.uint8, device=dev.dev)
@@ -121,10 +123,12 @@ def time_shape(dev, core, shape, dtype, timer, include_torch=True, min_ms=25.0, 
     stream = dev.stream()
 
     def fwd(i):
-        core.cuda_forward([cx[i]], [cm[i]], [cv[i]], ce[i], stream=stream, workspace=ws_f, dtype=dtype)
+        core.cuda_forward([cx[i]], [cm[i]], [cv[i]], ce[i], stream=stream, workspace=ws_f, dtype=dtype,
+                          mean_residuals=[cr[i]])
 
     def bwd(i):
-        core.cuda_backward([cx[i]], [cm[i]], [cv[i]], cg, [cdx[i]], stream=stream, workspace=ws_b, dtype=dtype)
+        core.cuda_backward([cx[i]], [cm[i]], [cv[i]], cg, [cdx[i]], stream=stream, workspace=ws_b, dtype=dtype,
+                           mean_residuals=[cr[i]])
 
     def ours(i):
         fwd(i)

@@ -2,9 +2,12 @@
 
 Ops (registered by the library): Lbe>BatchEntropy / Lbe>BatchEntropyGrad for one tensor and
 Lbe>BatchEntropies / Lbe>BatchEntropiesGrad for a group. Each forward op returns the entropy (in
-the input dtype) and the per-unit mean and variance (float32, or float64 for double inputs),
-which the gradient op uses to compute dx in one pass over x. The grouped op returns the
-statistics of all its tensors in one flat vector each (tensor 0's units first).
+the input dtype), the per-unit mean and variance (float32, or float64 for double inputs) and,
+with the attribute num_residuals=1 that lbe_ops always sets, the mean's rounding residual (the
+exact mean minus the rounded one), which the gradient op uses to compute dx in one pass over x,
+centred exactly at any offset. The grouped op returns the statistics of all its tensors in one
+flat vector each (tensor 0's units first). Graphs written with num_residuals=0 (the ops' first
+interface) still load; their gradients are centred on the rounded mean.
 
 A batch <= ddof has no variance, and is an error by default. With allow_small_batch=True (the
 ops' attribute of that name) such a tensor is treated as a constant instead: entropy, mean and
@@ -35,13 +38,13 @@ def _zeros_if_none(grad, like):
 def _op_single(x, ddof, allow_small_batch):
     module = _loader.op_module()
     return module.lbe_batch_entropy(x, ddof=ddof, allow_small_batch=allow_small_batch,
-                                    Tstats=_stats_dtype(x.dtype))
+                                    Tstats=_stats_dtype(x.dtype), num_residuals=1)
 
 
 def _op_group(xs, ddof, allow_small_batch):
     module = _loader.op_module()
     return module.lbe_batch_entropies(xs, ddof=ddof, allow_small_batch=allow_small_batch,
-                                      Tstats=_stats_dtype(xs[0].dtype))
+                                      Tstats=_stats_dtype(xs[0].dtype), num_residuals=1)
 
 
 def _absent(grad):
@@ -61,16 +64,18 @@ def _empty_if(grad_input, partial):
 
 
 def _gradient_op_partials(xs, means, variances, grad_entropies, grad_means, grad_variances,
-                          upstream, ddof, allow_small_batch):
+                          mean_residuals, upstream, ddof, allow_small_batch):
     """Partial derivatives of the gradient ops' dx with respect to each of their inputs, as TF
     ops, given the gradients `upstream` that reach each dx (None: nothing reached it).
+    mean_residuals is the ops' list of 0 or 1 residual inputs; the partials come back likewise.
 
-    Per tensor, with c = B - ddof, D_j = pi*e*v_j + 1, r = x - mean, the gradient op computes
+    Per tensor, with c = B - ddof, D_j = pi*e*v_j + 1, r = x - mean - mean_residual, the
+    gradient op computes
         dx[b, j] = r[b, j] * s_j + g_mean_j / B,  s_j = g_H * pi*e / (U c D_j) + 2 g_var_j / c,
-    a function of x, mean, variance, g_H, g_mean and g_var taken as independent inputs (mean and
-    variance come from the forward op, whose gradient carries their share back to x). Arithmetic
-    is in the statistics' dtype; with allow_small_batch, a tensor whose batch is <= ddof has
-    dx = 0 and every partial 0.
+    a function of x, mean, variance, g_H, g_mean, g_var and the residual taken as independent
+    inputs (mean and variance come from the forward op, whose gradient carries their share back
+    to x; the residual, a rounding error, has none). Arithmetic is in the statistics' dtype; with
+    allow_small_batch, a tensor whose batch is <= ddof has dx = 0 and every partial 0.
     """
     stats = means.dtype
     units = [_units(x) for x in xs]
@@ -80,15 +85,20 @@ def _gradient_op_partials(xs, means, variances, grad_entropies, grad_means, grad
         tf.unstack(tf.cumsum(tf.stack([0] + units)))
     with_mean = not _absent(grad_means)
     with_variance = not _absent(grad_variances)
+    residual_input = mean_residuals[0] if mean_residuals else None
+    with_residual = residual_input is not None and not _absent(residual_input)
     # dx is g_mean / B plus terms free of g_mean: only g_variance's values are needed here.
     full_variance = (_fill_if_empty(grad_variances, total) if grad_variances.shape[0] is None
                      else grad_variances)
+    full_residual = (_fill_if_empty(residual_input, total)
+                     if with_residual and residual_input.shape[0] is None else residual_input)
     pie = tf.constant(reference.PI_E, stats)
     d_xs, d_means, d_variances, d_entropies, d_grad_means, d_grad_variances = ([] for _ in range(6))
     for i, (x, u) in enumerate(zip(xs, units)):
         begin, size = offsets[i], u
         mean = tf.slice(means, [begin], [size])
         variance = tf.slice(variances, [begin], [size])
+        residual = tf.slice(full_residual, [begin], [size]) if with_residual else 0
         if upstream[i] is None:
             zeros = tf.zeros(tf.reshape(size, [1]), stats)
             d_xs.append(tf.zeros_like(x))
@@ -112,7 +122,7 @@ def _gradient_op_partials(xs, means, variances, grad_entropies, grad_means, grad
             g_variance = tf.slice(full_variance, [begin], [size])
             scale += 2 * g_variance / dof
         w_sum = tf.reduce_sum(flat_w, axis=0) * valid                          # [U]
-        w_r = tf.reduce_sum(flat_w * (flat_x - mean), axis=0) * valid          # [U]
+        w_r = tf.reduce_sum(flat_w * ((flat_x - mean) - residual), axis=0) * valid  # [U]
         d_xs.append(tf.cast(tf.reshape(flat_w * (scale * valid), tf.shape(x)), x.dtype))
         d_means.append(-w_sum * scale)
         d_variances.append(-w_r * g_entropy * entropy_factor * pie / denominator)
@@ -129,46 +139,64 @@ def _gradient_op_partials(xs, means, variances, grad_entropies, grad_means, grad
         d_grad_variances = tf.zeros([0], stats)
     elif grad_variances.shape[0] is None:
         d_grad_variances = _empty_if(grad_variances, d_grad_variances)
-    return (d_xs, tf.concat(d_means, 0), tf.concat(d_variances, 0),
-            tf.cast(tf.stack(d_entropies), grad_entropies.dtype), d_grad_means, d_grad_variances)
+    d_means = tf.concat(d_means, 0)
+    # The residual enters dx exactly as the mean does.
+    if residual_input is None:
+        d_residuals = []
+    elif not with_residual:
+        d_residuals = [tf.zeros([0], stats)]
+    elif residual_input.shape[0] is None:
+        d_residuals = [_empty_if(residual_input, d_means)]
+    else:
+        d_residuals = [d_means]
+    return (d_xs, d_means, tf.concat(d_variances, 0),
+            tf.cast(tf.stack(d_entropies), grad_entropies.dtype), d_grad_means, d_grad_variances,
+            d_residuals)
 
 
 def _register_gradients():
+    # The forward ops' outputs after the first three are their 0 or 1 mean residuals (see the
+    # module docstring), handed on to the gradient op. A residual is a rounding error: no
+    # gradient flows through it; the mean output carries the mean's.
     @tf.RegisterGradient("Lbe>BatchEntropy")
-    def _batch_entropy_grad(op, grad_entropy, grad_mean, grad_variance):
+    def _batch_entropy_grad(op, grad_entropy, grad_mean, grad_variance, *_unused_grad_residual):
         x = op.inputs[0]
-        _, mean, variance = op.outputs
+        _, mean, variance, *residual = op.outputs
         return _loader.op_module().lbe_batch_entropy_grad(
             x, mean, variance, grad_entropy,
-            _zeros_if_none(grad_mean, mean), _zeros_if_none(grad_variance, variance),
+            _zeros_if_none(grad_mean, mean), _zeros_if_none(grad_variance, variance), residual,
             ddof=op.get_attr("ddof"), allow_small_batch=op.get_attr("allow_small_batch"))
 
     @tf.RegisterGradient("Lbe>BatchEntropies")
-    def _batch_entropies_grad(op, grad_entropies, grad_means, grad_variances):
-        _, means, variances = op.outputs
+    def _batch_entropies_grad(op, grad_entropies, grad_means, grad_variances,
+                              *_unused_grad_residuals):
+        _, means, variances, *residuals = op.outputs
         return _loader.op_module().lbe_batch_entropies_grad(
             list(op.inputs), means, variances, grad_entropies,
             _zeros_if_none(grad_means, means), _zeros_if_none(grad_variances, variances),
+            residuals,
             ddof=op.get_attr("ddof"), allow_small_batch=op.get_attr("allow_small_batch"))
 
     # Second order (a gradient penalty, a Hessian-vector product): the gradient ops' own gradients.
     @tf.RegisterGradient("Lbe>BatchEntropyGrad")
     def _batch_entropy_grad_grad(op, grad_dx):
-        x, mean, variance, grad_entropy, grad_mean, grad_variance = op.inputs
-        d_xs, d_mean, d_variance, d_entropy, d_grad_mean, d_grad_variance = _gradient_op_partials(
-            [x], mean, variance, tf.reshape(grad_entropy, [1]), grad_mean, grad_variance,
-            [grad_dx], op.get_attr("ddof"), op.get_attr("allow_small_batch"))
+        x, mean, variance, grad_entropy, grad_mean, grad_variance, *residual = op.inputs
+        d_xs, d_mean, d_variance, d_entropy, d_grad_mean, d_grad_variance, d_residual = (
+            _gradient_op_partials(
+                [x], mean, variance, tf.reshape(grad_entropy, [1]), grad_mean, grad_variance,
+                residual, [grad_dx], op.get_attr("ddof"), op.get_attr("allow_small_batch")))
         return (d_xs[0], d_mean, d_variance, tf.reshape(d_entropy, []), d_grad_mean,
-                d_grad_variance)
+                d_grad_variance, *d_residual)
 
     @tf.RegisterGradient("Lbe>BatchEntropiesGrad")
     def _batch_entropies_grad_grad(op, *grad_dxs):
         count = op.get_attr("N")
         inputs = list(op.inputs)
-        xs, rest = inputs[:count], inputs[count:]
-        d_xs, *partials = _gradient_op_partials(
-            xs, *rest, list(grad_dxs), op.get_attr("ddof"), op.get_attr("allow_small_batch"))
-        return (*d_xs, *partials)
+        xs, stats, residual = inputs[:count], inputs[count:count + 5], inputs[count + 5:]
+        d_xs, *partials, d_residual = _gradient_op_partials(
+            xs, *stats, residual, list(grad_dxs), op.get_attr("ddof"),
+            op.get_attr("allow_small_batch"))
+        return (*d_xs, *partials, *d_residual)
 
 
 _register_gradients()
@@ -184,7 +212,7 @@ def batch_entropy_moments(x, ddof=1, allow_small_batch=False):
     allow_small_batch = _validation.check_allow_small_batch(allow_small_batch)
     x = _validation.check_input(x, ddof, allow_small_batch=allow_small_batch)
     if _loader.use_op():
-        entropy, mean, variance = _op_single(x, ddof, allow_small_batch)
+        entropy, mean, variance, _ = _op_single(x, ddof, allow_small_batch)
         return entropy, mean, variance
     return reference.moments(x, ddof, allow_small_batch=allow_small_batch)
 
@@ -239,7 +267,7 @@ def batch_entropy(x, ddof=1, dtype=None, allow_small_batch=False):
     if not _loader.use_op():
         return reference.moments(x, ddof, entropy_dtype=dtype,
                                  allow_small_batch=allow_small_batch)[0]
-    entropy, _, variance = _op_single(x, ddof, allow_small_batch)
+    entropy, _, variance, _ = _op_single(x, ddof, allow_small_batch)
     if _wider_than(dtype, x.dtype):
         return _entropies_from_variances(variance, [_units(x)], dtype)[0]
     return tf.cast(entropy, dtype)
@@ -270,7 +298,7 @@ def batch_entropies(xs, ddof=1, dtype=None, allow_small_batch=False):
     parts = [None] * len(xs)
     for input_dtype, indices in groups.items():
         members = [xs[i] for i in indices]
-        entropies, _, variances = _op_group(members, ddof, allow_small_batch)
+        entropies, _, variances, _ = _op_group(members, ddof, allow_small_batch)
         if _wider_than(out_dtype, input_dtype):
             entropies = _entropies_from_variances(variances, [_units(x) for x in members],
                                                   out_dtype)

@@ -8,6 +8,11 @@ and the largest relative error of the variance against a float64 (float64 input:
 double) reference computed on the same, already rounded, input, and the largest error of dH/dx
 relative to max |dH/dx|. Huge inputs also show how many variances came back +Inf (beyond the
 statistics type) and the share of dx elements that are exactly 0.
+
+The gradient at large offsets, float32 [48, 96] (units of random spread and sign): per unit, the
+largest |dx - ref| and the common-mode part |sum_b dx_b| / B (the true dH/dx sums to 0 over the
+batch), both relative to the unit's largest |ref|; the worst unit, for Lbe>BatchEntropy
+(`batch_entropy`), Lbe>BatchEntropies (`batch_entropies` of two tensors) and the pure-TF path.
 """
 
 import argparse
@@ -52,6 +57,21 @@ def errors(x, backend):
             int(np.isposinf(var).sum()), float(np.mean(g == 0)))
 
 
+def unit_gradient_errors(x, grouped, backend):
+    """(per-unit error, common-mode part) of dH/dx, worst unit; see the module docstring."""
+    tensor = tf.constant(x)
+    other = tf.constant(x[:, ::-1] * 0.5)
+    with lbe_ops.use_backend(backend), tf.GradientTape() as tape:
+        tape.watch(tensor)
+        h = lbe_ops.batch_entropies([tensor, other])[0] if grouped else lbe_ops.batch_entropy(tensor)
+    dx = np.asarray(tape.gradient(h, tensor).numpy(), np.longdouble)
+    ref = reference(x)[2]
+    scale = np.abs(ref).max(axis=0)
+    per_unit = np.abs(dx - ref).max(axis=0) / scale
+    common_mode = np.abs(dx.sum(axis=0)) / (dx.shape[0] * scale)
+    return float(per_unit.max()), float(common_mode.max())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
@@ -67,6 +87,17 @@ def main():
         for backend in ["op", "tf"]:
             h, v, g, _, _ = errors(x, backend)
             cells.append(f"{backend}: H {h:.1e}  var {v:.1e}  dx {g:.1e}")
+        print(f"  {offset:7.0e}   " + "   |   ".join(cells))
+    print("\nfloat32 [48, 96] dH/dx, offset x spread: worst unit's error, per unit / common-mode part")
+    for offset in [1e1, 1e3, 1e4, 1e5, 1e6]:
+        spread = rng.uniform(0.5, 2.0, 96)
+        x = (rng.standard_normal((48, 96)) * spread
+             + offset * spread * rng.choice([-1, 1], 96)).astype(np.float32)
+        cells = []
+        for label, grouped, backend in [("BatchEntropy", False, "op"),
+                                        ("BatchEntropies", True, "op"), ("tf", False, "tf")]:
+            per_unit, common = unit_gradient_errors(x, grouped, backend)
+            cells.append(f"{label}: {per_unit:.1e} / {common:.1e}")
         print(f"  {offset:7.0e}   " + "   |   ".join(cells))
     print("\nhuge values [B, 64] of spread std: the same, + variances that are +Inf, "
           "share of dx that is 0")

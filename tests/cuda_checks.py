@@ -110,17 +110,22 @@ class TorchDevice:
     def sync(self):
         self.torch.cuda.synchronize()
 
-    def forward(self, xs, means, variances, entropies, ddof, dtype, workspace=None):
+    def forward(self, xs, means, variances, entropies, ddof, dtype, residuals=None, workspace=None):
         self.core.cuda_forward([self.cai(x) for x in xs], [self.cai(m) for m in means],
                                [self.cai(v) for v in variances], self.cai(entropies), ddof=ddof,
-                               stream=self.stream(), workspace=workspace, dtype=dtype)
+                               stream=self.stream(), workspace=workspace, dtype=dtype,
+                               mean_residuals=self._optional(residuals))
 
-    def backward(self, xs, means, variances, g, dxs, gm, gv, ddof, dtype, workspace=None):
-        opt = lambda seq: None if seq is None else [None if a is None else self.cai(a) for a in seq]
+    def backward(self, xs, means, variances, g, dxs, gm, gv, ddof, dtype, residuals=None,
+                 workspace=None):
+        opt = self._optional
         self.core.cuda_backward([self.cai(x) for x in xs], [self.cai(m) for m in means],
                                 [self.cai(v) for v in variances], self.cai(g), [self.cai(d) for d in dxs],
                                 grad_means=opt(gm), grad_variances=opt(gv), ddof=ddof, stream=self.stream(),
-                                workspace=workspace, dtype=dtype)
+                                workspace=workspace, dtype=dtype, mean_residuals=opt(residuals))
+
+    def _optional(self, seq):
+        return None if seq is None else [None if a is None else self.cai(a) for a in seq]
 
     def bits_equal(self, a, b):
         u8 = self.torch.uint8
@@ -156,17 +161,18 @@ class EmulatedDevice:
     def to_f64(self, t):
         return np.asarray(t, np.float64)
 
-    def forward(self, xs, means, variances, entropies, ddof, dtype, workspace=None):
-        e, ms, vs, _ = self.core._emulate_cuda_forward(list(xs), ddof=ddof, block_order=2, seed=11)
+    def forward(self, xs, means, variances, entropies, ddof, dtype, residuals=None, workspace=None):
+        e, ms, vs, rs, _ = self.core._emulate_cuda_forward(list(xs), ddof=ddof, block_order=2, seed=11)
         entropies[...] = e
-        for dst, src in zip(means, ms):
-            dst[...] = src.reshape(dst.shape)
-        for dst, src in zip(variances, vs):
-            dst[...] = src.reshape(dst.shape)
+        for outs, values in [(means, ms), (variances, vs), (residuals or [], rs)]:
+            for dst, src in zip(outs, values):
+                dst[...] = src.reshape(dst.shape)
 
-    def backward(self, xs, means, variances, g, dxs, gm, gv, ddof, dtype, workspace=None):
+    def backward(self, xs, means, variances, g, dxs, gm, gv, ddof, dtype, residuals=None,
+                 workspace=None):
         out, _ = self.core._emulate_cuda_backward(list(xs), list(means), list(variances), g, grad_means=gm,
-                                                  grad_variances=gv, ddof=ddof, block_order=1)
+                                                  grad_variances=gv, ddof=ddof, block_order=1,
+                                                  mean_residuals=residuals)
         for dst, src in zip(dxs, out):
             dst[...] = src
 
@@ -190,7 +196,8 @@ def make_host_input(rng, shape, offset):
 
 
 def check_group(dev, rng, shapes, dtype, ddof, offset, unaligned_index=None, label=None):
-    """One grouped forward + backward, run twice; returns a record per tensor."""
+    """One grouped forward + backward, run twice; returns a record per tensor. The backward gets
+    the forward's mean residuals and is held to the gradient at the exact mean."""
     stats = "float64" if dtype == "float64" else "float32"
     xs, x64s = [], []
     for i, shape in enumerate(shapes):
@@ -208,8 +215,9 @@ def check_group(dev, rng, shapes, dtype, ddof, offset, unaligned_index=None, lab
     for _ in range(2):
         means = [dev.full((u,), stats) for u in units]
         variances = [dev.full((u,), stats) for u in units]
+        residuals = [dev.full((u,), stats) for u in units]
         entropies = dev.full((n,), dtype)
-        dev.forward(xs, means, variances, entropies, ddof, dtype)
+        dev.forward(xs, means, variances, entropies, ddof, dtype, residuals=residuals)
         g = dev.from_numpy(rng.standard_normal(n) if not runs else runs[0]["g64"], dtype)
         g64 = dev.to_f64(g)
         gm64 = runs[0]["gm64"] if runs else [None if i % 3 == 2 else rng.standard_normal(u) for i, u in enumerate(units)]
@@ -217,13 +225,14 @@ def check_group(dev, rng, shapes, dtype, ddof, offset, unaligned_index=None, lab
         gm = [None if a is None else dev.from_numpy(a, stats) for a in gm64]
         gv = [None if a is None else dev.from_numpy(a, stats) for a in gv64]
         dxs = [dev.full(s, dtype) for s in shapes]
-        dev.backward(xs, means, variances, g, dxs, gm, gv, ddof, dtype)
+        dev.backward(xs, means, variances, g, dxs, gm, gv, ddof, dtype, residuals=residuals)
         dev.sync()
-        runs.append({"means": means, "variances": variances, "entropies": entropies, "dxs": dxs,
+        runs.append({"means": means, "variances": variances, "residuals": residuals,
+                     "entropies": entropies, "dxs": dxs,
                      "g64": g64, "gm64": [None if a is None else dev.to_f64(b) for a, b in zip(gm64, gm)],
                      "gv64": [None if a is None else dev.to_f64(b) for a, b in zip(gv64, gv)]})
     first, second = runs
-    deterministic = all(dev.bits_equal(a, b) for key in ("means", "variances", "dxs")
+    deterministic = all(dev.bits_equal(a, b) for key in ("means", "variances", "residuals", "dxs")
                         for a, b in zip(first[key], second[key]))
     deterministic = deterministic and dev.bits_equal(first["entropies"], second["entropies"])
     entropies = dev.to_f64(first["entropies"])
@@ -233,7 +242,7 @@ def check_group(dev, rng, shapes, dtype, ddof, offset, unaligned_index=None, lab
         ok_f, finite_f, err_f, tol_f = reference64.forward_errors(x64s[i], ddof, entropies[i], mean, var,
                                                                   dtype, offset)
         want = reference64.backward(x64s[i], ddof, float(first["g64"][i]), g_mean=first["gm64"][i],
-                                    g_var=first["gv64"][i], mean=mean, var=var)
+                                    g_var=first["gv64"][i], var=var)  # at the exact mean
         dx = dev.to_f64(first["dxs"][i]).reshape(want.shape)
         ok_b, finite_b, err_b, tol_b = reference64.backward_errors(dx, want, dtype)
         records.append({

@@ -21,11 +21,22 @@ def _flat(x):
     return x.reshape(x.shape[0], -1)
 
 
+def _deviations(flat):
+    """(mean [U], flat - mean) in float64, each unit first shifted by its value in row 0 (where
+    finite): at an offset far above the spread, x - x_0 is exact, so the deviations keep float64
+    precision relative to the spread (a plain float64 mean of values near 1e12 would not)."""
+    with np.errstate(invalid="ignore"):
+        pivot = np.where(np.isfinite(flat[0]), flat[0], 0.0)
+        shifted = flat - pivot
+        shifted_mean = shifted.mean(axis=0)
+        return pivot + shifted_mean, shifted - shifted_mean
+
+
 def moments(x, ddof=1):
     """(entropy, mean [U], variance [U]) of x [B, ...] in float64."""
     flat = _flat(x)
-    mean = flat.mean(axis=0)
-    var = ((flat - mean) ** 2).sum(axis=0) / (flat.shape[0] - ddof)
+    mean, deviations = _deviations(flat)
+    var = (deviations ** 2).sum(axis=0) / (flat.shape[0] - ddof)
     return 0.5 * np.log1p(PI_E * var).mean(), mean, var
 
 
@@ -36,19 +47,23 @@ def entropy(x, ddof=1):
 
 def backward(x, ddof=1, g_entropy=1.0, g_mean=None, g_var=None, mean=None, var=None):
     """dx (shape of x, float64) for the upstream gradients of the entropy, and optionally of the
-    mean and variance [U]. With mean and var given (the backward kernel's inputs) the formula is
-    evaluated at those statistics, so that a check sees the backward kernel's error only."""
+    mean and variance [U]. With mean and/or var given (the backward kernel's inputs) the formula
+    is evaluated at those statistics, so that a check sees the backward kernel's error only;
+    without mean, x is centred on its exact mean."""
     x = np.asarray(x)
     flat = _flat(x)
     b, u = flat.shape
+    if var is None:
+        var = moments(flat, ddof)[2]
     if mean is None:
-        _, mean, var = moments(flat, ddof)
-    mean = np.asarray(mean, np.float64).ravel()
+        deviations = _deviations(flat)[1]
+    else:
+        deviations = flat - np.asarray(mean, np.float64).ravel()
     var = np.asarray(var, np.float64).ravel()
     scale = g_entropy * PI_E / (u * (b - ddof) * (PI_E * var + 1))
     if g_var is not None:
         scale = scale + 2.0 * np.asarray(g_var, np.float64).ravel() / (b - ddof)
-    dx = (flat - mean) * scale
+    dx = deviations * scale
     if g_mean is not None:
         dx = dx + np.asarray(g_mean, np.float64).ravel() / b
     return dx.reshape(x.shape)

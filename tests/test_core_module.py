@@ -32,7 +32,10 @@ def ref_forward(x, ddof):
 
 
 def ref_backward(x, ddof, g_entropy, g_mean=None, g_var=None, mean=None, var=None):
-    """dx in float64; with mean and var, evaluated at those statistics (the backward's inputs)."""
+    """dx in float64; with mean and var, evaluated at those statistics (the backward's inputs).
+    mean="exact": the exact mean (what a backward given the forward's mean residuals centres on)."""
+    if isinstance(mean, str) and mean == "exact":
+        mean = None
     return reference64.backward(x, ddof, g_entropy, g_mean=g_mean, g_var=g_var, mean=mean, var=var)
 
 
@@ -75,26 +78,28 @@ SHAPES = [(2, 1), (3, 5), (4097, 33), (5, 100003), (64, 4, 4), (300, 64), (129, 
 def test_cpu_forward_backward_match_reference(rng, dtype, shape, ddof):
     offset = 1e4 if dtype in (np.float32, np.float64) and shape[0] > 2 else 0.0
     x = make_input(rng, shape, dtype, offset)
-    (entropy,), (mean,), (var,) = _core.forward([x], ddof=ddof)
+    (entropy,), (mean,), (var,), residuals = _core.forward([x], ddof=ddof)
     check_forward(x, ddof, entropy, mean, var, offset)
     g = rng.standard_normal()
-    (dx,) = _core.backward([x], [mean], [var], np.array([g]), ddof=ddof)
-    check_backward(x, dx, ref_backward(x, ddof, float(np.asarray(g, dtype)), mean=mean, var=var))
+    (dx,) = _core.backward([x], [mean], [var], np.array([g]), ddof=ddof, mean_residuals=residuals)
+    check_backward(x, dx, ref_backward(x, ddof, float(np.asarray(g, dtype)), mean="exact", var=var))
 
 
 def test_cpu_grouped_with_optional_gradients(rng):
     xs = [make_input(rng, s, np.float32) for s in [(7, 3), (16, 2, 5), (9, 1)]]
-    entropies, means, variances = _core.forward(xs)
+    entropies, means, variances, residuals = _core.forward(xs)
     assert entropies.shape == (3,)
     for x, e, m, v in zip(xs, entropies, means, variances):
         check_forward(x, 1, np.asarray(e).reshape(()), m, v)
     g = rng.standard_normal(3)
     gm = [rng.standard_normal(means[0].shape).astype(np.float32), None, rng.standard_normal(1)]
     gv = None if rng.integers(2) else [None, rng.standard_normal(means[1].shape), None]
-    dxs = _core.backward(xs, means, variances, g, grad_means=gm, grad_variances=gv)
+    given = [residuals[0], None, residuals[2]]  # tensor 1 without: centred on its rounded mean
+    dxs = _core.backward(xs, means, variances, g, grad_means=gm, grad_variances=gv,
+                         mean_residuals=given)
     for i, (x, dx) in enumerate(zip(xs, dxs)):
         want = ref_backward(x, 1, float(np.float32(g[i])), gm[i], None if gv is None else gv[i],
-                            mean=means[i], var=variances[i])
+                            mean=means[i] if given[i] is None else "exact", var=variances[i])
         check_backward(x, dx, want)
 
 
@@ -109,17 +114,18 @@ NARROW_WIDTHS = [1, 3, 4, 7, 8, 9, 15, 16, 17, 31, 32, 33, 40, 47, 56, 63, 64, 6
 def test_cpu_narrow_blocks_match_reference(rng, dtype, batch):
     offset = 1e3 if dtype in (np.float32, np.float64) else 0.0
     xs = [make_input(rng, (batch, u), dtype, offset) for u in NARROW_WIDTHS]
-    entropies, means, variances = _core.forward(xs)
+    entropies, means, variances, residuals = _core.forward(xs)
     for x, e, m, v in zip(xs, entropies, means, variances):
         check_forward(x, 1, np.asarray(e).reshape(()), m, v, offset)
     g = rng.standard_normal(len(xs))
     gm = [rng.standard_normal(x.shape[1:]) for x in xs]
     gv = [rng.standard_normal(x.shape[1:]) for x in xs]
-    dxs = _core.backward(xs, means, variances, g, grad_means=gm, grad_variances=gv)
+    dxs = _core.backward(xs, means, variances, g, grad_means=gm, grad_variances=gv,
+                         mean_residuals=residuals)
     for i, (x, dx) in enumerate(zip(xs, dxs)):
         stats = np.float64 if dtype == np.float64 else np.float32
         want = ref_backward(x, 1, float(np.asarray(g[i], dtype)), gm[i].astype(stats),
-                            gv[i].astype(stats), mean=means[i], var=variances[i])
+                            gv[i].astype(stats), mean="exact", var=variances[i])
         check_backward(x, dx, want)
 
 
@@ -133,7 +139,7 @@ def test_cpu_entropy_epilogue_is_accurate_over_the_variance_range(rng, units):
     for s in spreads:
         x = rng.standard_normal((6, units)) * s
         xs.append(x.astype(np.float32))
-    entropies, _, variances = _core.forward(xs)
+    entropies, _, variances, _ = _core.forward(xs)
     for e, v in zip(entropies, variances):
         want = float(np.mean(0.5 * np.log1p(PI_E * np.asarray(v, np.float64))))
         # a few float ulps of each unit's term, and the rounding of the mean to float32
@@ -150,8 +156,9 @@ def test_cpu_gradient_matches_finite_differences(rng, shape, ddof):
         h, m, v = ref_forward(z, ddof)
         return g_h * h + g_m @ m + g_v @ v
 
-    _, (mean,), (var,) = _core.forward([x], ddof=ddof)
-    (dx,) = _core.backward([x], [mean], [var], [g_h], grad_means=[g_m], grad_variances=[g_v], ddof=ddof)
+    _, (mean,), (var,), residuals = _core.forward([x], ddof=ddof)
+    (dx,) = _core.backward([x], [mean], [var], [g_h], grad_means=[g_m], grad_variances=[g_v], ddof=ddof,
+                           mean_residuals=residuals)
     numeric = np.zeros_like(x)
     step = 1e-6
     for idx in np.ndindex(*shape):
@@ -165,7 +172,7 @@ def test_cpu_gradient_matches_finite_differences(rng, shape, ddof):
 def test_cpu_constant_units_have_finite_gradient():
     x = np.ones((8, 4), np.float32)
     x[:, 1] = np.arange(8)
-    (e,), (m,), (v,) = _core.forward([x])
+    (e,), (m,), (v,), _ = _core.forward([x])
     assert v[0] == 0 and np.isfinite(e)
     (dx,) = _core.backward([x], [m], [v], [1.0])
     assert np.all(np.isfinite(dx)) and np.all(dx[:, 0] == 0)
@@ -173,7 +180,7 @@ def test_cpu_constant_units_have_finite_gradient():
 
 def test_cpu_accepts_non_contiguous_inputs(rng):
     x = make_input(rng, (40, 30), np.float64)[:, ::2]
-    (e,), (m,), (v,) = _core.forward([x])
+    (e,), (m,), (v,), _ = _core.forward([x])
     check_forward(np.ascontiguousarray(x), 1, e, m, v)
 
 
@@ -196,6 +203,8 @@ def test_cpu_accepts_non_contiguous_inputs(rng):
      ValueError, "grad_means must have 1 entries"),
     (lambda: _core.backward([np.ones((4, 3))], [np.zeros(3)], [np.zeros(3)], [1.0], grad_variances=[np.zeros(4)]),
      ValueError, r"grad_variances\[0\] has 4 elements"),
+    (lambda: _core.backward([np.ones((4, 3))], [np.zeros(3)], [np.zeros(3)], [1.0], mean_residuals=[np.zeros(2)]),
+     ValueError, r"mean_residuals\[0\]"),
     (lambda: _core.backward([np.ones((4, 3))], [np.zeros(3)], [np.zeros(3)], ["x"]), TypeError, "grad_entropies"),
     (lambda: _core.backward([np.ones((4, 3))], np.zeros(3), [np.zeros(3)], [1.0]), TypeError, "means must be a list"),
 ])
@@ -219,14 +228,14 @@ def test_emulated_cuda_kernels_match_reference(rng, dtype, shape):
     ddof = int(rng.integers(2))
     offset = 1e4 if dtype in (np.float32, np.float64) and shape[0] > 2 else 0.0
     x = make_input(rng, shape, dtype, offset)
-    entropy, (mean,), (var,), info = _core._emulate_cuda_forward([x], ddof=ddof, block_order=2,
-                                                                 seed=int(rng.integers(1 << 30)))
+    entropy, (mean,), (var,), residuals, info = _core._emulate_cuda_forward(
+        [x], ddof=ddof, block_order=2, seed=int(rng.integers(1 << 30)))
     check_forward(x, ddof, entropy[0], mean, var, offset)
     assert info["kernel_launches"] == 1
     g, gm, gv = rng.standard_normal(), rng.standard_normal(mean.size), rng.standard_normal(mean.size)
     (dx,), _ = _core._emulate_cuda_backward([x], [mean], [var], [g], grad_means=[gm], grad_variances=[gv],
-                                            ddof=ddof, block_order=2, seed=1)
-    check_backward(x, dx, ref_backward(x, ddof, float(np.asarray(g, dtype)), gm, gv, mean=mean, var=var))
+                                            ddof=ddof, block_order=2, seed=1, mean_residuals=residuals)
+    check_backward(x, dx, ref_backward(x, ddof, float(np.asarray(g, dtype)), gm, gv, mean="exact", var=var))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -236,7 +245,7 @@ def test_emulated_cuda_unaligned_inputs_take_the_scalar_path(rng, dtype):
     x = np.empty(size + 1, dtype)[1:].reshape(shape)  # one element off the allocation's alignment
     x[...] = make_input(rng, shape, dtype)
     assert x.ctypes.data % 16 != 0
-    e, (m,), (v,), _ = _core._emulate_cuda_forward([x])
+    e, (m,), (v,), _, _ = _core._emulate_cuda_forward([x])
     check_forward(x, 1, e[0], m, v)
     (dx,), _ = _core._emulate_cuda_backward([x], [m], [v], [0.5])
     check_backward(x, dx, ref_backward(x, 1, 0.5, mean=m, var=v))
@@ -248,15 +257,23 @@ def test_emulated_cuda_unaligned_inputs_take_the_scalar_path(rng, dtype):
 def test_emulated_cuda_groups(rng, count):
     shapes = [(int(rng.integers(2, 300)), *rng.integers(1, 40, size=int(rng.integers(1, 3)))) for _ in range(count)]
     xs = [make_input(rng, s, np.float32, offset=100.0) for s in shapes]
-    entropies, means, variances, info = _core._emulate_cuda_forward(xs, block_order=1)
+    entropies, means, variances, residuals, info = _core._emulate_cuda_forward(xs, block_order=1)
     cpu = _core.forward(xs)
     for x, e, m, v in zip(xs, entropies, means, variances):
         check_forward(x, 1, np.asarray(e).reshape(()), m, v, offset=100.0)
     np.testing.assert_allclose(entropies, cpu[0], rtol=1e-4)
+    for x, m, r, m_cpu, r_cpu in zip(xs, means, residuals, cpu[1], cpu[3]):
+        # the two-term means agree to float32 precision of the spread (the rounded parts may not)
+        two_term = np.float64(m) + r
+        np.testing.assert_allclose(two_term, np.float64(m_cpu) + r_cpu, rtol=0,
+                                   atol=1e-5 * np.std(x, axis=0).max() + 1e-30)
+        np.testing.assert_allclose(two_term.ravel(), ref_forward(x, 1)[1], rtol=0,
+                                   atol=1e-5 * np.std(x, axis=0).max() + 1e-30)
     g = rng.standard_normal(count)
-    dxs, _ = _core._emulate_cuda_backward(xs, means, variances, g, block_order=2, seed=5)
+    dxs, _ = _core._emulate_cuda_backward(xs, means, variances, g, block_order=2, seed=5,
+                                          mean_residuals=residuals)
     for i, (x, dx) in enumerate(zip(xs, dxs)):
-        check_backward(x, dx, ref_backward(x, 1, float(np.float32(g[i])), mean=means[i], var=variances[i]))
+        check_backward(x, dx, ref_backward(x, 1, float(np.float32(g[i])), mean="exact", var=variances[i]))
     if count > 24:
         assert info["workspace_bytes"] > 0  # the descriptor table lives in the workspace
 
@@ -266,7 +283,7 @@ def test_emulated_cuda_results_do_not_depend_on_block_order(rng):
     xs = [make_input(rng, (3000, 40), np.float32, offset=1e3), make_input(rng, (16, 3000), np.float32)]
     runs = [_core._emulate_cuda_forward(xs, block_order=order, seed=seed) for order, seed in [(0, 0), (1, 0), (2, 7)]]
     for other in runs[1:]:
-        for a, b in zip(runs[0][:3], other[:3]):
+        for a, b in zip(runs[0][:4], other[:4]):
             for u, w in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
                 assert np.array_equal(u, w)
 
@@ -277,7 +294,7 @@ def test_emulated_cuda_tall_input_full_size(rng):
     plan = _core._cuda_plan([shape], "float32")
     assert plan["forward"][0]["splits"] > 64
     x = make_input(rng, shape, np.float32, offset=1e4)
-    e, (m,), (v,), info = _core._emulate_cuda_forward([x], block_order=2, seed=3)
+    e, (m,), (v,), _, info = _core._emulate_cuda_forward([x], block_order=2, seed=3)
     assert info["num_items"] == plan["forward_items"]
     check_forward(x, 1, e[0], m, v, offset=1e4)
 
@@ -298,10 +315,11 @@ def test_emulated_cuda_kernels_under_tuning_variants(rng, variant):
         for shape, dtype in [((3000, 40), np.float32), ((600, 130), np.float16), ((40, 3000), np.float64),
                              ((2500, 7), np.float32)]:
             x = make_input(rng, shape, dtype, offset=100.0 if dtype != np.float16 else 0.0)
-            e, (m,), (v,), _ = _core._emulate_cuda_forward([x], block_order=2, seed=2)
+            e, (m,), (v,), residuals, _ = _core._emulate_cuda_forward([x], block_order=2, seed=2)
             check_forward(x, 1, e[0], m, v, offset=100.0 if dtype != np.float16 else 0.0)
-            (dx,), _ = _core._emulate_cuda_backward([x], [m], [v], [0.3], block_order=1)
-            check_backward(x, dx, ref_backward(x, 1, float(np.asarray(0.3, dtype)), mean=m, var=v))
+            (dx,), _ = _core._emulate_cuda_backward([x], [m], [v], [0.3], block_order=1,
+                                                    mean_residuals=residuals)
+            check_backward(x, dx, ref_backward(x, 1, float(np.asarray(0.3, dtype)), mean="exact", var=v))
     finally:
         _core._set_cuda_tuning(**before)
 

@@ -100,38 +100,49 @@ class TestRawOps:
         bad = tf.ones([2])
         g = tf.constant(1.0)
         with pytest.raises((tf.errors.InvalidArgumentError, ValueError)):
-            self.ops.lbe_batch_entropy_grad(x, bad, stats, g, stats, stats)
+            self.ops.lbe_batch_entropy_grad(x, bad, stats, g, stats, stats, [stats])
         with pytest.raises((tf.errors.InvalidArgumentError, ValueError)):
-            self.ops.lbe_batch_entropy_grad(x, stats, stats, tf.ones([2]), stats, stats)
+            self.ops.lbe_batch_entropy_grad(x, stats, stats, tf.ones([2]), stats, stats, [stats])
         flat = tf.ones([6])  # the statistics of [x, x], one after another
         with pytest.raises((tf.errors.InvalidArgumentError, ValueError)):  # grad_entropies: [2]
-            self.ops.lbe_batch_entropies_grad([x, x], flat, flat, tf.ones([3]), flat, flat)
+            self.ops.lbe_batch_entropies_grad([x, x], flat, flat, tf.ones([3]), flat, flat, [flat])
         with pytest.raises((tf.errors.InvalidArgumentError, ValueError)):  # means: [6]
-            self.ops.lbe_batch_entropies_grad([x, x], stats, flat, tf.ones([2]), flat, flat)
+            self.ops.lbe_batch_entropies_grad([x, x], stats, flat, tf.ones([2]), flat, flat, [flat])
         dx = self.ops.lbe_batch_entropies_grad([x, x], flat, flat, tf.ones([2]), tf.zeros([0]),
-                                               flat)
+                                               flat, [tf.zeros([0])])
         assert [d.shape for d in dx] == [x.shape, x.shape]
 
     def test_grouped_gradient_shapes_at_run_time(self):
         @tf.function(input_signature=[tf.TensorSpec(None, tf.float32)] * 4)
         def fn(x, y, means, grad_means):
             return self.ops.lbe_batch_entropies_grad([x, y], means, means, tf.ones([2]),
-                                                     grad_means, tf.zeros([0]))
+                                                     grad_means, tf.zeros([0]), [grad_means])
 
         x, flat = tf.ones([4, 3]), tf.ones([6])
         with pytest.raises(tf.errors.InvalidArgumentError, match=r"means must have shape \[6\]"):
             fn(x, x, tf.ones([3]), flat)
         with pytest.raises(tf.errors.InvalidArgumentError,
-                           match=r"grad_means must have shape \[6\] \(or \[0\]"):
+                           match=r"grad_means must have shape \[6\] \(or \[0\] for none"):
             fn(x, x, flat, tf.ones([5]))
         with pytest.raises(tf.errors.InvalidArgumentError, match=r"xs\[1\] has a batch of 1"):
             fn(x, tf.ones([1, 3]), flat, flat)
         assert len(fn(x, tf.ones([2, 3]), flat, flat)) == 2
 
+    def test_mean_residual_shape(self):
+        x, stats = tf.ones([4, 3]), tf.ones([3])
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=r"mean_residual must have shape \[3\] \(or \[0\] for none\)"):
+            self.ops.lbe_batch_entropy_grad(x, stats, stats, tf.constant(1.0), stats, stats,
+                                            [tf.ones([2])])
+        flat = tf.ones([6])
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=r"mean_residuals must have shape \[6\]"):
+            self.ops.lbe_batch_entropies_grad([x, x], flat, flat, tf.ones([2]), flat, flat, [stats])
+
     def test_gradient_shapes_at_run_time(self):
         @tf.function(input_signature=[tf.TensorSpec(None, tf.float32)] * 2)
         def fn(x, mean):
-            return self.ops.lbe_batch_entropy_grad(x, mean, mean, tf.constant(1.0), mean, mean)
+            return self.ops.lbe_batch_entropy_grad(x, mean, mean, tf.constant(1.0), mean, mean, [mean])
 
         with pytest.raises(tf.errors.InvalidArgumentError, match=r"mean must have shape \[3\]"):
             fn(tf.ones([4, 3]), tf.ones([5]))

@@ -2,8 +2,8 @@
 
 Every check compares against a float64 reference computed on the same (rounded) input, so what
 is measured is the implementation's own error, not the input's rounding:
-- offsets of 1e0 .. 1e6 x the spread (the pivot shift: H and the variance stay at float32
-  precision; dx on the op path also carries the float32 rounding of the `mean` it is given);
+- offsets of 1e0 .. 1e6 x the spread (the pivot shift: H, the variance and dH/dx stay at float32
+  precision; the op's gradient centres on the two-term mean, so it has no common-mode error);
 - constant units: variance, gradient and the mean's deviation exactly 0;
 - +-Inf and NaN: what the formula's arithmetic gives, the same on both paths;
 - huge magnitudes: a finite entropy and gradient wherever float32 (or float64) can hold them,
@@ -44,23 +44,13 @@ def offset_input(rng, shape, dtype, offset):
     return (rng.standard_normal(shape) * spread + centers).astype(dtype)
 
 
-def grad_bound(x64, mean_given, rtol):
-    """Allowed |dx - ref| per element: rtol * max |ref|, plus, for the op, the float32 rounding of
-    the mean it is handed (|mean_given - mean| times the unit's slope pi*e / (U dof (pi*e v + 1)))."""
-    b, u = x64.shape
-    _, mean, var = np_moments(x64)
-    slope = PI_E / (u * (b - 1) * (PI_E * var + 1))
-    ref = np_entropy_grad(x64)
-    return ref, rtol * np.abs(ref).max() + 2.0 * np.abs(mean_given - mean) * slope
-
-
 # ---- large offsets ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("offset", OFFSETS, ids=lambda o: f"{o:.0e}")
 @pytest.mark.parametrize("shape", [(256, 64), (1000, 300), (40, 3000)], ids=str)
 def test_float32_offsets_keep_float32_accuracy(rng, backend, offset, shape):
-    """H and the variance to ~1e-7 relative at any offset up to 1e6 x the spread."""
+    """H, the variance and dH/dx to ~1e-7 relative at any offset up to 1e6 x the spread."""
     x = offset_input(rng, shape, np.float32, offset)
     x64 = x.astype(np.float64)
     h_ref, mean_ref, var_ref = np_moments(x64)
@@ -70,12 +60,8 @@ def test_float32_offsets_keep_float32_accuracy(rng, backend, offset, shape):
     np.testing.assert_allclose(var, var_ref, rtol=2e-6 if backend == "op" else 1e-5)
     # a float32 sum of B values: a few eps * max |x| (TF's reductions are not pairwise)
     assert np.all(np.abs(mean - mean_ref) <= 16 * F32_EPS * np.abs(x64).max(axis=0))
-    if backend == "tf":  # the gradient is formed from the shifted values: float32 accuracy
-        ref = np_entropy_grad(x64)
-        np.testing.assert_allclose(grad, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
-    else:  # the gradient op gets the float32 mean
-        ref, bound = grad_bound(x64, mean, 1e-5)
-        assert np.all(np.abs(grad - ref) <= bound)
+    ref = np_entropy_grad(x64)
+    np.testing.assert_allclose(grad, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -111,14 +97,94 @@ def test_core_kernels_offset_1e6(rng, kernel, shape):
     x64 = x.astype(np.float64)
     h_ref, mean_ref, var_ref = np_moments(x64)
     if kernel == "cpu":
-        (h,), (mean,), (var,) = _core.forward([x])
+        (h,), (mean,), (var,), _ = _core.forward([x])
     else:
-        h, (mean,), (var,), _ = _core._emulate_cuda_forward([x], block_order=2, seed=1)
+        h, (mean,), (var,), _, _ = _core._emulate_cuda_forward([x], block_order=2, seed=1)
         h = h[0]
     assert abs(float(h) - h_ref) <= 1e-6 * abs(h_ref)
     np.testing.assert_allclose(var, var_ref, rtol=2e-6)
     # a float32 sum of B values: a few eps * max |x| (TF's reductions are not pairwise)
     assert np.all(np.abs(mean - mean_ref) <= 16 * F32_EPS * np.abs(x64).max(axis=0))
+
+
+# ---- the gradient at large offsets --------------------------------------------------------------
+# The true dH/dx of a unit sums to 0 over the batch (a shift leaves the variance unchanged). A
+# gradient centred on a rounded mean is off by the same amount in every row: a common-mode part,
+# |sum_b dx_b| / (B max_b |dx_b|), that the per-element error can hide. Both are asserted.
+
+# Offsets (x the spread) each dtype resolves, and the allowed error relative to the unit's
+# largest |dH/dx|: the dtype's rounding of dx, or 1e-5 for float32.
+GRADIENT_OFFSETS = {tf.float16: [1e0, 1e2], tf.bfloat16: [1e0, 1e1],
+                    tf.float32: [1e0, 1e2, 1e3, 1e4, 1e5, 1e6], tf.float64: [1e0, 1e6, 1e12]}
+GRADIENT_RTOL = {tf.float16: 2.0 ** -10, tf.bfloat16: 2.0 ** -7, tf.float32: 1e-5,
+                 tf.float64: 1e-12}
+
+
+def assert_unit_gradients(dx, ref, rtol):
+    """Per unit: max_b |dx - ref| and |sum_b dx| within rtol of max_b |ref|."""
+    scale = np.abs(ref).max(axis=0)
+    scale = np.where(scale > 0, scale, 1.0)
+    per_unit = np.abs(dx - ref).max(axis=0) / scale
+    common_mode = np.abs(dx.sum(axis=0)) / (dx.shape[0] * scale)
+    assert per_unit.max() <= rtol, f"per-unit error {per_unit.max():.2e}"
+    assert common_mode.max() <= rtol, f"common-mode error {common_mode.max():.2e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grouped", [False, True], ids=["single", "group"])
+@pytest.mark.parametrize("dtype", list(GRADIENT_OFFSETS), ids=lambda d: d.name)
+def test_gradient_at_offsets(rng, backend, grouped, dtype):
+    """dH/dx of Lbe>BatchEntropy and of Lbe>BatchEntropies (and the pure-TF path) against float64
+    at every offset the dtype resolves, per unit and in its common-mode part."""
+    shapes = [(48, 96), (33, 4, 5)]
+    for offset in GRADIENT_OFFSETS[dtype]:
+        xs = [tf.cast(offset_input(rng, s, np.float64, offset), dtype) for s in shapes]
+        x64s = [tf.cast(x, tf.float64).numpy().reshape(x.shape[0], -1) for x in xs]
+        with lbe_ops.use_backend(backend), tf.GradientTape() as tape:
+            tape.watch(xs)
+            if grouped:
+                hs = lbe_ops.batch_entropies(xs)
+                loss = tf.cast(hs[0], tf.float64) + 0.5 * tf.cast(hs[1], tf.float64)
+            else:
+                loss = tf.cast(lbe_ops.batch_entropy(xs[0]), tf.float64)
+        grads = tape.gradient(loss, xs)
+        weights = [1.0, 0.5] if grouped else [1.0]
+        for grad, x64, weight in zip(grads, x64s, weights):
+            dx = tf.cast(grad, tf.float64).numpy().reshape(x64.shape)
+            assert_unit_gradients(dx, weight * np_entropy_grad(x64), GRADIENT_RTOL[dtype])
+
+
+@pytest.mark.parametrize("kernel", ["cpu", "cuda_emulation"])
+@pytest.mark.parametrize("shape", [(48, 96), (3000, 40), (64, 1100)], ids=str)
+def test_core_gradient_at_offsets(rng, kernel, shape):
+    """The core kernels' backward given the forward's mean residuals: narrow and wide blocks,
+    split batches, upstream gradients of the mean and the variance too; without the residuals,
+    the rounded mean's error is back (what the residual removes)."""
+    b, u = shape
+    for offset in [1e2, 1e4, 1e6]:
+        x = offset_input(rng, shape, np.float32, offset)
+        x64 = x.astype(np.float64)
+        _, mean_ref, var_ref = np_moments(x64)
+        # of the entropy term's sign: the per-unit factor s has no cancellation to lose digits to
+        gv = (np.abs(rng.standard_normal(u)) / var_ref).astype(np.float32)
+        slope = (PI_E / (u * (b - 1) * (PI_E * var_ref + 1))
+                 + 2.0 * gv.astype(np.float64) / (b - 1))
+        centred = (x64 - mean_ref) * slope
+        # g_mean / B of the centred part's size, so that dx's own rounding stays at its scale
+        gm = (rng.standard_normal(u) * b * np.abs(centred).max(axis=0)).astype(np.float32)
+        if kernel == "cpu":
+            _, means, variances, residuals = _core.forward([x])
+            backward = _core.backward
+        else:
+            _, means, variances, residuals, _ = _core._emulate_cuda_forward([x], block_order=2,
+                                                                            seed=5)
+            backward = lambda *a, **k: _core._emulate_cuda_backward(*a, **k)[0]  # noqa: E731
+        kwargs = dict(grad_means=[gm], grad_variances=[gv])
+        (dx,) = backward([x], means, variances, [1.0], mean_residuals=residuals, **kwargs)
+        assert_unit_gradients(dx - gm.astype(np.float64) / b, centred, 1e-5)
+        (rounded,) = backward([x], means, variances, [1.0], **kwargs)
+        if offset >= 1e4:
+            assert not np.allclose(rounded, dx, rtol=0, atol=1e-5 * np.abs(centred).max())
 
 
 # ---- constant units ------------------------------------------------------------------------------
@@ -150,11 +216,12 @@ def test_constant_units_have_exactly_zero_variance_and_gradient(rng, backend, dt
 def test_core_constant_units(rng, kernel):
     x = with_constant_units(rng, tf.float32, batch=300).numpy()
     if kernel == "cpu":
-        _, (mean,), (var,) = _core.forward([x])
-        (dx,) = _core.backward([x], [mean], [var], [1.0])
+        _, (mean,), (var,), residuals = _core.forward([x])
+        (dx,) = _core.backward([x], [mean], [var], [1.0], mean_residuals=residuals)
     else:
-        _, (mean,), (var,), _ = _core._emulate_cuda_forward([x])
-        (dx,), _ = _core._emulate_cuda_backward([x], [mean], [var], [1.0])
+        _, (mean,), (var,), residuals, _ = _core._emulate_cuda_forward([x])
+        (dx,), _ = _core._emulate_cuda_backward([x], [mean], [var], [1.0],
+                                                mean_residuals=residuals)
     assert np.all(var[::2] == 0.0) and np.all(dx[:, ::2] == 0.0)
     np.testing.assert_array_equal(mean[::2], x[0, ::2])
 
@@ -205,9 +272,9 @@ def test_core_inf_mean(kernel, batch):
     x = np.stack([poisoned(tf.float32, INF_CASES[c][0], batch).numpy()[:, 1] for c in INF_CASES],
                  axis=1)
     if kernel == "cpu":
-        _, (mean,), (var,) = _core.forward([x])
+        _, (mean,), (var,), _ = _core.forward([x])
     else:
-        _, (mean,), (var,), _ = _core._emulate_cuda_forward([x])
+        _, (mean,), (var,), _, _ = _core._emulate_cuda_forward([x])
     np.testing.assert_array_equal(mean, [INF_CASES[c][1] for c in INF_CASES])
     assert np.all(np.isnan(var))
 
@@ -281,19 +348,20 @@ def test_core_huge_values(rng, kernel, std):
     x64 = x.astype(np.float64)
     h_ref, mean_ref, var_ref = np_moments(x64)
     if kernel == "cpu":
-        (h,), (mean,), (var,) = _core.forward([x])
+        (h,), (mean,), (var,), residuals = _core.forward([x])
     else:
-        h, (mean,), (var,), _ = _core._emulate_cuda_forward([x])
+        h, (mean,), (var,), residuals, _ = _core._emulate_cuda_forward([x])
         h = h[0]
     assert abs(float(h) - h_ref) <= 1e-6 * abs(h_ref)
     gm = rng.standard_normal(24).astype(np.float32)
     with np.errstate(over="ignore"):  # 0 where var_ref is huge
         gv = (rng.standard_normal(24) / var_ref).astype(np.float32)
     if kernel == "cpu":
-        (dx,) = _core.backward([x], [mean], [var], [1.0], grad_means=[gm], grad_variances=[gv])
+        (dx,) = _core.backward([x], [mean], [var], [1.0], grad_means=[gm], grad_variances=[gv],
+                               mean_residuals=residuals)
     else:
         (dx,), _ = _core._emulate_cuda_backward([x], [mean], [var], [1.0], grad_means=[gm],
-                                                grad_variances=[gv])
+                                                grad_variances=[gv], mean_residuals=residuals)
     b, u = x64.shape
     ref = ((x64 - mean_ref) * (PI_E / (u * (b - 1) * (PI_E * var_ref + 1))
                                + 2.0 * gv.astype(np.float64) / (b - 1))

@@ -90,7 +90,7 @@ def _ops():
 
 def _grad_op_inputs(rng, shapes, ddof, batch_small):
     """Random float64 inputs of a gradient op: xs, and flat means, variances, per-tensor
-    entropy gradients, statistics gradients (the ops take any values there)."""
+    entropy gradients, statistics gradients, mean residuals (the ops take any values there)."""
     shapes = [((ddof if batch_small else s[0]),) + s[1:] for s in shapes]
     xs = [tf.constant(rng.standard_normal(s) * 2.0 + 0.5) for s in shapes]
     units = sum(int(np.prod(s[1:])) for s in shapes)
@@ -99,10 +99,22 @@ def _grad_op_inputs(rng, shapes, ddof, batch_small):
     grad_entropies = tf.constant(rng.uniform(0.5, 2.0, len(shapes)))
     grad_means = tf.constant(rng.standard_normal(units))
     grad_variances = tf.constant(rng.standard_normal(units))
-    return xs, means, variances, grad_entropies, grad_means, grad_variances
+    residuals = tf.constant(rng.standard_normal(units) * 1e-3)
+    return xs, means, variances, grad_entropies, grad_means, grad_variances, residuals
 
 
-STATS_GRADS = ["both", "mean", "variance", "none"]
+# Which of the gradient ops' optional inputs are given (the others are the empty "none" vector).
+OPTIONAL_INPUTS = ("grad_mean", "grad_variance", "mean_residual")
+OPTIONAL_CASES = [OPTIONAL_INPUTS, ("grad_mean",), ("grad_variance",), ("mean_residual",), ()]
+
+
+def _optional_inputs(case, values):
+    """The optional inputs in op order, the given value where `case` names it, else empty; the
+    residual as the ops' one-element list."""
+    grad_mean, grad_variance, residual = [
+        value if name in case else tf.zeros([0], tf.float64)
+        for name, value in zip(OPTIONAL_INPUTS, values)]
+    return grad_mean, grad_variance, [residual]
 
 
 def _check_numeric(fn, inputs):
@@ -116,22 +128,20 @@ def _check_numeric(fn, inputs):
 
 @pytest.mark.parametrize("allow_small_batch, batch_small",
                          [(False, False), (True, False), (True, True)])
-@pytest.mark.parametrize("stats_grads", STATS_GRADS)
+@pytest.mark.parametrize("optional", OPTIONAL_CASES, ids="+".join)
 @pytest.mark.parametrize("ddof", [0, 1, 2])
-def test_gradient_op_of_one_tensor_has_the_numeric_gradient(rng, ddof, stats_grads,
+def test_gradient_op_of_one_tensor_has_the_numeric_gradient(rng, ddof, optional,
                                                             allow_small_batch, batch_small):
-    (x,), mean, variance, grad_entropy, grad_mean, grad_variance = _grad_op_inputs(
+    (x,), mean, variance, grad_entropy, *optional_values = _grad_op_inputs(
         rng, [(ddof + 5, 3, 2)], ddof, batch_small)
-    with_mean, with_variance = stats_grads in ("both", "mean"), stats_grads in ("both", "variance")
-    inputs = [x, mean, variance, grad_entropy[0]]
-    inputs += [grad_mean] if with_mean else []
-    inputs += [grad_variance] if with_variance else []
+    given = [v for name, v in zip(OPTIONAL_INPUTS, optional_values) if name in optional]
+    inputs = [x, mean, variance, grad_entropy[0]] + given
 
-    def dx(x, mean, variance, grad_entropy, *stats):
-        stats = list(stats)
-        g_mean = stats.pop(0) if with_mean else tf.zeros([0], tf.float64)
-        g_variance = stats.pop(0) if with_variance else tf.zeros([0], tf.float64)
-        return _ops().lbe_batch_entropy_grad(x, mean, variance, grad_entropy, g_mean, g_variance,
+    def dx(x, mean, variance, grad_entropy, *given):
+        given = iter(given)
+        values = [next(given) if name in optional else None for name in OPTIONAL_INPUTS]
+        return _ops().lbe_batch_entropy_grad(x, mean, variance, grad_entropy,
+                                             *_optional_inputs(optional, values),
                                              ddof=ddof, allow_small_batch=allow_small_batch)
 
     theoretical = _check_numeric(dx, inputs)
@@ -140,29 +150,25 @@ def test_gradient_op_of_one_tensor_has_the_numeric_gradient(rng, ddof, stats_gra
 
 
 @pytest.mark.parametrize("allow_small_batch", [False, True])
-@pytest.mark.parametrize("stats_grads", STATS_GRADS)
-def test_gradient_op_of_a_group_has_the_numeric_gradient(rng, stats_grads, allow_small_batch):
+@pytest.mark.parametrize("optional", OPTIONAL_CASES, ids="+".join)
+def test_gradient_op_of_a_group_has_the_numeric_gradient(rng, optional, allow_small_batch):
     ddof = 1
     shapes = [(6, 3), (4, 2, 2), (9, 1)]
-    xs, means, variances, grad_entropies, grad_means, grad_variances = _grad_op_inputs(
+    xs, means, variances, grad_entropies, *optional_values = _grad_op_inputs(
         rng, shapes, ddof, False)
     if allow_small_batch:  # a small tensor inside the group: dx 0, all its partials 0
         xs[1] = xs[1][:1]
-    with_mean, with_variance = stats_grads in ("both", "mean"), stats_grads in ("both", "variance")
-    inputs = xs + [means, variances, grad_entropies]
-    inputs += [grad_means] if with_mean else []
-    inputs += [grad_variances] if with_variance else []
+    given = [v for name, v in zip(OPTIONAL_INPUTS, optional_values) if name in optional]
+    inputs = xs + [means, variances, grad_entropies] + given
 
     def dxs(*args):
-        args = list(args)
-        group = args[:len(shapes)]
+        group = list(args[:len(shapes)])
         means, variances, grad_entropies = args[len(shapes):len(shapes) + 3]
-        stats = args[len(shapes) + 3:]
-        g_means = stats.pop(0) if with_mean else tf.zeros([0], tf.float64)
-        g_variances = stats.pop(0) if with_variance else tf.zeros([0], tf.float64)
+        given = iter(args[len(shapes) + 3:])
+        values = [next(given) if name in optional else None for name in OPTIONAL_INPUTS]
         return tf.concat([tf.reshape(d, [-1]) for d in _ops().lbe_batch_entropies_grad(
-            group, means, variances, grad_entropies, g_means, g_variances, ddof=ddof,
-            allow_small_batch=allow_small_batch)], 0)
+            group, means, variances, grad_entropies, *_optional_inputs(optional, values),
+            ddof=ddof, allow_small_batch=allow_small_batch)], 0)
 
     theoretical = _check_numeric(dxs, inputs)
     if allow_small_batch:
@@ -175,26 +181,28 @@ def test_gradient_op_of_a_group_has_the_numeric_gradient(rng, stats_grads, allow
 def test_gradient_op_gradient_with_statistics_gradients_of_unknown_length(rng):
     """A statistics gradient whose length is only known at run time may be the empty "none"
     vector or a full one: the second-order result is that of the static call either way."""
-    (x,), mean, variance, grad_entropy, grad_mean, grad_variance = _grad_op_inputs(
+    (x,), mean, variance, grad_entropy, grad_mean, grad_variance, residual = _grad_op_inputs(
         rng, [(5, 4)], 1, False)
     weights = tf.constant(rng.standard_normal(x.shape))
 
-    def partials(x, mean, variance, grad_entropy, grad_mean, grad_variance):
-        inputs = [x, mean, variance, grad_entropy, grad_mean, grad_variance]
+    def partials(x, mean, variance, grad_entropy, grad_mean, grad_variance, residual):
+        inputs = [x, mean, variance, grad_entropy, grad_mean, grad_variance, residual]
         with tf.GradientTape() as tape:
             tape.watch(inputs)
-            dx = _ops().lbe_batch_entropy_grad(*inputs)
+            dx = _ops().lbe_batch_entropy_grad(*inputs[:6], [inputs[6]])
             total = tf.reduce_sum(dx * weights)
         return tape.gradient(total, inputs)
 
     dynamic = tf.function(partials, input_signature=[
         tf.TensorSpec(None, tf.float64), tf.TensorSpec([None], tf.float64),
         tf.TensorSpec([None], tf.float64), tf.TensorSpec([], tf.float64),
-        tf.TensorSpec([None], tf.float64), tf.TensorSpec(None, tf.float64)])
+        tf.TensorSpec([None], tf.float64), tf.TensorSpec(None, tf.float64),
+        tf.TensorSpec([None], tf.float64)])
     empty = tf.zeros([0], tf.float64)
-    for g_mean, g_variance in [(grad_mean, grad_variance), (empty, grad_variance),
-                               (grad_mean, empty), (empty, empty)]:
-        args = (x, mean, variance, grad_entropy[0], g_mean, g_variance)
+    for g_mean, g_variance, r in [(grad_mean, grad_variance, residual),
+                                  (empty, grad_variance, empty), (grad_mean, empty, residual),
+                                  (empty, empty, empty)]:
+        args = (x, mean, variance, grad_entropy[0], g_mean, g_variance, r)
         for got, expected in zip(dynamic(*args), partials(*args)):
             assert got.shape == expected.shape
             np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-12, atol=1e-15)

@@ -150,7 +150,8 @@ def test_grouped_op_returns_flat_statistics(rng):
     ops = lbe_ops._loader.op_module()
     shapes = [(6, 3), (6, 2, 2), (9, 1), (4, 5)]
     xs, x64s = zip(*[make_input(rng, s, tf.float64) for s in shapes])
-    hs, means, variances = ops.lbe_batch_entropies(list(xs), ddof=1, Tstats=tf.float64)
+    hs, means, variances, _ = ops.lbe_batch_entropies(list(xs), ddof=1, Tstats=tf.float64,
+                                                      num_residuals=1)
     assert means.shape == (3 + 4 + 1 + 5,) and variances.shape == means.shape
     refs = [np_moments(x64, 1) for x64 in x64s]
     np.testing.assert_allclose(hs.numpy(), [r[0] for r in refs], rtol=1e-12)
@@ -164,7 +165,8 @@ def test_grouped_op_returns_flat_statistics(rng):
     w_var = tf.constant(rng.standard_normal(13))
 
     def loss(a, b, c, d):
-        h, mean, var = ops.lbe_batch_entropies([a, b, c, d], ddof=1, Tstats=tf.float64)
+        h, mean, var, _ = ops.lbe_batch_entropies([a, b, c, d], ddof=1, Tstats=tf.float64,
+                                                  num_residuals=1)
         return (tf.reduce_sum(w_h * h) + tf.reduce_sum(w_mean * mean) +
                 tf.reduce_sum(w_var * var))
 
@@ -179,9 +181,10 @@ def test_grouped_statistics_shape_is_the_sum_of_units():
     @tf.function(input_signature=[tf.TensorSpec([None, 4, 5], tf.float32),
                                   tf.TensorSpec([None, None], tf.float32)])
     def fn(x, y):
-        _, means, _ = ops.lbe_batch_entropies([x, x[:, 0]])
+        _, means, _, _ = ops.lbe_batch_entropies([x, x[:, 0]], num_residuals=1)
         assert means.shape == (25,)
-        _, means, _ = ops.lbe_batch_entropies([x, y])
+        _, means, _, (residuals,) = ops.lbe_batch_entropies([x, y], num_residuals=1)
+        assert residuals.shape.as_list() == [None]
         assert means.shape.as_list() == [None]
         return means
 

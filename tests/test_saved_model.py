@@ -1,6 +1,8 @@
 """A SavedModel that uses the op, loaded in a fresh process after `import lbe_ops`, and what
 happens without the import."""
 
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -113,3 +115,34 @@ def test_saved_model_with_the_op_needs_lbe_ops_imported(saved_models):
                                         **env))
         assert "Op type not registered 'Lbe>BatchEntrop" in out[str(with_op)]["error"]
         _check_loaded(out[str(portable)])
+
+
+LOAD_V0_1 = """
+    import json, sys
+    import numpy as np
+    import lbe_ops
+    import tensorflow as tf
+    x = tf.constant(np.random.default_rng(5).standard_normal((9, 5)) * 3 + 2, tf.float32)
+    m = tf.saved_model.load(sys.argv[1])
+    with tf.GradientTape() as tape:  # through the loaded forward op: lbe_ops' registered gradient
+        tape.watch(x)
+        h = m.entropy(x)
+    print(json.dumps({"h": float(h), "grad": m.entropy_grad(x).numpy().tolist(),
+                      "grad_through": tape.gradient(h, x).numpy().tolist(),
+                      "group": m.group(x, x[:, ::-1] * 2).numpy().tolist()}))
+"""
+
+
+def test_saved_model_of_the_first_op_interface_loads_and_runs():
+    """tests/data/saved_model_v0_1 holds the ops as lbe-ops 0.1.0 wrote them (three forward outputs,
+    six gradient inputs, no num_residuals attribute): it loads, runs, and differentiates."""
+    path = os.path.join(os.path.dirname(__file__), "data", "saved_model_v0_1")
+    out = last_json_line(run_python(LOAD_V0_1, path))
+    x = (np.random.default_rng(5).standard_normal((9, 5)) * 3 + 2).astype(np.float32)
+    x64 = x.astype(np.float64)
+    h_ref, _, var_ref = np_moments(x64, 1)
+    grad_ref = PI_E * (x64 - x64.mean(0)) / (5 * 8 * (PI_E * var_ref + 1))
+    np.testing.assert_allclose(out["h"], h_ref, rtol=1e-5)
+    for key in ("grad", "grad_through"):
+        np.testing.assert_allclose(out[key], grad_ref, rtol=0, atol=1e-5 * np.abs(grad_ref).max())
+    np.testing.assert_allclose(out["group"], [h_ref, np_moments(x64[:, ::-1] * 2, 1)[0]], rtol=1e-5)

@@ -229,15 +229,15 @@ class TestRawOps:
             unit_index = np.concatenate([slots[i] for i in members])
             with tf.GradientTape() as tape:
                 tape.watch(vs)
-                h, mean, var = self.ops.lbe_batch_entropies(vs, ddof=1, allow_small_batch=allow,
-                                                            Tstats=stats)
+                h, mean, var, (residual,) = self.ops.lbe_batch_entropies(
+                    vs, ddof=1, allow_small_batch=allow, Tstats=stats, num_residuals=1)
                 loss = (tf.cast(tf.reduce_sum(h * tf.constant(w_h[list(members)], dtype)), stats) +
                         tf.reduce_sum(tf.constant(w_mean[unit_index], stats) * mean) +
                         tf.reduce_sum(tf.constant(w_var[unit_index], stats) * var))
-            return h, mean.numpy(), var.numpy(), tape.gradient(loss, vs)
+            return h, mean.numpy(), var.numpy(), residual.numpy(), tape.gradient(loss, vs)
 
-        h, mean, var, grads = run(range(len(shapes)), True)
-        h_plain, mean_plain, var_plain, grads_plain = run(kept, False)
+        h, mean, var, residual, grads = run(range(len(shapes)), True)
+        h_plain, mean_plain, var_plain, residual_plain, grads_plain = run(kept, False)
         plain_offset = 0
         for k, i in enumerate(kept):
             assert _as_f64(h[i]) == _as_f64(h_plain[k])
@@ -245,28 +245,30 @@ class TestRawOps:
             plain_offset += units[i]
             assert np.array_equal(mean[slots[i]], mean_plain[plain_slot])
             assert np.array_equal(var[slots[i]], var_plain[plain_slot])
+            assert np.array_equal(residual[slots[i]], residual_plain[plain_slot])
             assert np.array_equal(_as_f64(grads[i]), _as_f64(grads_plain[k]))
         for i, s in enumerate(shapes):
             if i in kept:
                 continue
             assert _as_f64(h[i]) == 0.0
             assert np.all(mean[slots[i]] == 0.0) and np.all(var[slots[i]] == 0.0)
+            assert np.all(residual[slots[i]] == 0.0)
             _assert_zero_and_finite(grads[i], s)
 
     def test_gradient_ops_directly(self):
         x0, x1 = tf.zeros([0, 3]), tf.ones([1, 3]) * 4.0
         stats = tf.constant([7.0, 8.0, 9.0])  # whatever the small tensors' statistics say
-        dx = self.ops.lbe_batch_entropy_grad(x1, stats, stats, tf.constant(5.0), stats, stats,
+        dx = self.ops.lbe_batch_entropy_grad(x1, stats, stats, tf.constant(5.0), stats, stats, [stats],
                                              allow_small_batch=True)
         _assert_zero_and_finite(dx, (1, 3))
         flat = tf.concat([stats, stats], 0)
         dxs = self.ops.lbe_batch_entropies_grad([x0, x1], flat, flat, tf.constant([1.0, 2.0]),
-                                                flat, flat, allow_small_batch=True)
+                                                flat, flat, [flat], allow_small_batch=True)
         _assert_zero_and_finite(dxs[0], (0, 3))
         _assert_zero_and_finite(dxs[1], (1, 3))
         with pytest.raises(tf.errors.InvalidArgumentError, match=r"xs\[0\] has a batch of 0"):
             self.ops.lbe_batch_entropies_grad([x0, x1], flat, flat, tf.constant([1.0, 2.0]),
-                                              flat, flat)
+                                              flat, flat, [flat])
 
     def test_zero_units_and_rank_are_still_errors(self):
         with pytest.raises(tf.errors.InvalidArgumentError, match="x has zero units"):

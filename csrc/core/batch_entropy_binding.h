@@ -117,6 +117,7 @@ Args ActivationArgs(const Activations& in) {
 struct ForwardCall {
   Activations in;
   std::vector<void*> mean, variance;
+  std::vector<void*> mean_residual;  // empty: not asked for
   void* entropy = nullptr;  // [num_tensors], dtype
 
   ForwardArgs Args() const {
@@ -124,20 +125,22 @@ struct ForwardCall {
     args.mean = mean.data();
     args.variance = variance.data();
     args.entropy = entropy;
+    args.mean_residual = mean_residual.empty() ? nullptr : mean_residual.data();
     return args;
   }
 
-  // Calls f on each vector of per-tensor pointers.
+  // Calls f on each vector of per-tensor pointers (mean_residual may be empty).
   template <typename F>
   void ForEachTensorPointers(F&& f) {
     f(mean);
     f(variance);
+    f(mean_residual);
   }
 };
 
 struct BackwardCall {
   Activations in;
-  std::vector<const void*> mean, variance, grad_mean, grad_variance;
+  std::vector<const void*> mean, variance, grad_mean, grad_variance, mean_residual;
   const void* grad_entropy = nullptr;  // [num_tensors], dtype
   std::vector<void*> dx;
 
@@ -149,16 +152,19 @@ struct BackwardCall {
     args.grad_mean = grad_mean.empty() ? nullptr : grad_mean.data();
     args.grad_variance = grad_variance.empty() ? nullptr : grad_variance.data();
     args.dx = dx.data();
+    args.mean_residual = mean_residual.empty() ? nullptr : mean_residual.data();
     return args;
   }
 
-  // Calls f on each vector of per-tensor pointers (grad_mean, grad_variance may be empty: none).
+  // Calls f on each vector of per-tensor pointers (grad_mean, grad_variance, mean_residual may be
+  // empty: none).
   template <typename F>
   void ForEachTensorPointers(F&& f) {
     f(mean);
     f(variance);
     f(grad_mean);
     f(grad_variance);
+    f(mean_residual);
     f(dx);
   }
 };

@@ -40,10 +40,18 @@ struct ForwardArgs {
   void* const* mean = nullptr;         // [units_i], stats type
   void* const* variance = nullptr;     // [units_i], stats type
   void* entropy = nullptr;             // [num_tensors], dtype
+  // [units_i], stats type, or a null array / null entry: not written. The exact mean minus the
+  // rounded `mean` (the low part of a two-term mean), for the backward: see BackwardArgs.
+  void* const* mean_residual = nullptr;
 };
 
 // dx = dH/dx * grad_entropy + dmean/dx * grad_mean + dvariance/dx * grad_variance, which is
-// (x - mean_j) * s_j + t_j per unit: x is read once and dx written once.
+// (x - mu_j) * s_j + t_j per unit: x is read once and dx written once. mu_j = mean_j +
+// mean_residual_j, the forward's two-term mean: a mean rounded to the statistics type is off by
+// up to half an ulp of |mu_j|, which at a large offset (|mu_j| >> spread) is a large share of every
+// x - mu_j, and the same share for every row: a push with one sign that the true dH/dx, which sums
+// to zero over the batch, does not have. The kernels compute (x - mean_j) * s_j + (t_j -
+// mean_residual_j * s_j), so the residual costs nothing per element.
 struct BackwardArgs {
   DType dtype = DType::kFloat32;
   int64_t ddof = 1;
@@ -57,6 +65,7 @@ struct BackwardArgs {
   const void* const* grad_mean = nullptr;      // stats type; null array or null entry: zero
   const void* const* grad_variance = nullptr;  // stats type; null array or null entry: zero
   void* const* dx = nullptr;                   // [batch_i, units_i], dtype
+  const void* const* mean_residual = nullptr;  // stats type; null array or null entry: zero
 };
 
 // Checks the descriptors (sizes, ddof); returns nullptr when they are valid, else a message.

@@ -22,7 +22,8 @@ namespace lbe {
 namespace cpu {
 namespace LBE_CPU_ISA {
 
-// dx = (x - mean) * scale + shift over rows [rb, re) of a narrow block (at most kNarrowVectors
+// dx = (x - mean) * scale + shift over rows [rb, re) of a narrow block (shift holds the mean
+// residual's share, see BackwardArgs) (at most kNarrowVectors
 // vectors of units): K whole vectors with their per-unit factors in registers, then the units past
 // the last whole vector one at a time; rows front to back, so x and dx stream.
 template <typename T, int K>
@@ -77,6 +78,7 @@ void WideBackwardItem(const BackwardArgs& args, int64_t t, int64_t u0, int64_t w
   const Acc* var = static_cast<const Acc*>(args.variance[t]);
   const Acc* grad_mean = args.grad_mean ? static_cast<const Acc*>(args.grad_mean[t]) : nullptr;
   const Acc* grad_var = args.grad_variance ? static_cast<const Acc*>(args.grad_variance[t]) : nullptr;
+  const Acc* residual = args.mean_residual ? static_cast<const Acc*>(args.mean_residual[t]) : nullptr;
   const double g = static_cast<double>(Elem<T>::Load(static_cast<const T*>(args.grad_entropy) + t));
   const double dof = static_cast<double>(rows - args.ddof);
   for (int64_t j = u0; j < u0 + width; ++j) {
@@ -95,7 +97,8 @@ void WideBackwardItem(const BackwardArgs& args, int64_t t, int64_t u0, int64_t w
       scaled_variance = wide::Scale2(v, -2 * k);
     }
     const wide::UnitGradient u = wide::ComputeUnitGradient(
-        static_cast<double>(mean[j]), scaled_variance, k, g, static_cast<double>(cols), dof,
+        static_cast<double>(mean[j]), residual ? static_cast<double>(residual[j]) : 0.0,
+        scaled_variance, k, g, static_cast<double>(cols), dof,
         grad_var ? static_cast<double>(grad_var[j]) : 0.0,
         grad_mean ? static_cast<double>(grad_mean[j]) : 0.0, static_cast<double>(rows));
     for (int64_t r = rb; r < re; ++r) {
@@ -126,6 +129,8 @@ void BackwardTyped(const BackwardArgs& args, const ParallelFor& parallel_for) {
                                ? static_cast<const Acc*>(args.grad_mean[t]) + u0 : nullptr;
     const Acc* grad_var = args.grad_variance && args.grad_variance[t]
                               ? static_cast<const Acc*>(args.grad_variance[t]) + u0 : nullptr;
+    const Acc* residual = args.mean_residual && args.mean_residual[t]
+                              ? static_cast<const Acc*>(args.mean_residual[t]) + u0 : nullptr;
     // dH/dx = pi*e * (x - mu) / (U * (B - ddof) * (pi*e*v + 1)); dv/dx = 2 (x - mu) / (B - ddof);
     // dmu/dx = 1 / B.
     const Acc g = Elem<T>::Load(grad_entropy + t);
@@ -145,7 +150,14 @@ void BackwardTyped(const BackwardArgs& args, const ParallelFor& parallel_for) {
       auto s = L::Splat(numerator) / (pi_e * v + Acc(1));
       if (grad_var) s += L::LoadAcc(grad_var + j) * var_factor;
       L::StoreAcc(scale + j, s);
-      L::StoreAcc(shift + j, grad_mean ? L::LoadAcc(grad_mean + j) * mean_factor : L::Splat(Acc(0)));
+      auto t = grad_mean ? L::LoadAcc(grad_mean + j) * mean_factor : L::Splat(Acc(0));
+      if (residual) {
+        // (x - mean - r) s + t = (x - mean) s + (t - r s); r = 0 leaves t as it is, even where
+        // s is not finite.
+        const auto r = L::LoadAcc(residual + j);
+        t -= r == L::Splat(Acc(0)) ? L::Splat(Acc(0)) : r * s;
+      }
+      L::StoreAcc(shift + j, t);
       if constexpr (decltype(vec)::value) max_var_v = v > max_var_v ? v : max_var_v;
       else max_var = v > max_var ? v : max_var;
     });

@@ -133,17 +133,31 @@ double EntropyOfBlock(Acc* variance_inout, int64_t width, int64_t n, int64_t ddo
 }
 
 // Finishes a block of units [u0, u0 + width) of x ([rows, cols]) whose shifted moments over all
-// rows are in mean_inout (mean of x - pivot) and var_inout (M2): writes the mean and the variance
-// and returns the block's sum of unit entropies. A non-finite sum (an Inf or NaN in the input, a
+// rows are in mean_inout (mean of x - pivot) and var_inout (M2): writes the mean, the variance and
+// (where residual_out is not null) the mean's rounding residual, and returns the block's sum of
+// unit entropies. A non-finite sum (an Inf or NaN in the input, a
 // sum of squares beyond the accumulator's range, or pi*e*var beyond it) sends the units whose
 // statistics are not finite to the wide path (batch_entropy_wide.h), which gives the finite
 // entropy of finite input and the formula's NaN and Inf otherwise.
 template <typename T>
 double FinishBlock(const T* x, int64_t rows, int64_t cols, int64_t u0, int64_t width, int64_t ddof,
                    const typename Elem<T>::Acc* pivot, typename Elem<T>::Acc* mean_inout,
-                   typename Elem<T>::Acc* var_inout) {
+                   typename Elem<T>::Acc* var_inout, typename Elem<T>::Acc* residual_out) {
   using Acc = typename Elem<T>::Acc;
-  for (int64_t j = 0; j < width; ++j) mean_inout[j] += pivot[j];
+  if (residual_out != nullptr) {
+    // wide::SumResidual, vectorized: the rounding error of pivot + shifted mean (0 if not finite).
+    ForUnits<T>(width, [&](auto vec, int64_t j) {
+      using L = Lane<T, decltype(vec)::value>;
+      const auto p = L::LoadAcc(pivot + j), shifted_mean = L::LoadAcc(mean_inout + j);
+      const auto mean = p + shifted_mean;
+      const auto b_part = mean - p;
+      const auto residual = (p - (mean - b_part)) + (shifted_mean - b_part);
+      L::StoreAcc(mean_inout + j, mean);
+      L::StoreAcc(residual_out + j, mean - mean == L::Splat(Acc(0)) ? residual : L::Splat(Acc(0)));
+    });
+  } else {
+    for (int64_t j = 0; j < width; ++j) mean_inout[j] += pivot[j];
+  }
   const double sum = EntropyOfBlock<Acc>(var_inout, width, rows, ddof);
   if (sum - sum == 0.0) return sum;
   const Acc pi_e = static_cast<Acc>(kPiE);
@@ -158,10 +172,18 @@ double FinishBlock(const T* x, int64_t rows, int64_t cols, int64_t u0, int64_t w
     const wide::UnitMoments wm = wide::ComputeUnitMoments(
         [&](int64_t r) { return static_cast<double>(Elem<T>::Load(column + r * cols)); }, rows, ddof);
     mean_inout[j] = static_cast<Acc>(wm.mean);
+    if (residual_out != nullptr) residual_out[j] = wide::RoundedMeanResidual<Acc>(wm.mean, wm.mean_residual);
     var_inout[j] = static_cast<Acc>(wm.Variance());
     wide_sum += wm.entropy;
   }
   return wide_sum;
+}
+
+// Where tensor t's mean residuals from unit u0 on go, or null: not asked for.
+template <typename Acc>
+inline Acc* ResidualOut(const ForwardArgs& args, int64_t t, int64_t u0) {
+  if (args.mean_residual == nullptr || args.mean_residual[t] == nullptr) return nullptr;
+  return static_cast<Acc*>(args.mean_residual[t]) + u0;
 }
 
 template <typename T>
@@ -194,7 +216,8 @@ void ForwardTyped(const ForwardArgs& args, const ParallelFor& parallel_for) {
       BlockMoments<T>(x, cols, item.unit_begin, width, item.row_begin, item.row_end, pivot, mean,
                       var, &n, next);
       block_entropy[item.block] = FinishBlock<T>(x, n, cols, item.unit_begin, width, args.ddof,
-                                                 pivot, mean, var);
+                                                 pivot, mean, var,
+                                                 ResidualOut<Acc>(args, item.tensor, item.unit_begin));
     } else {
       BlockMoments<T>(x, cols, item.unit_begin, width, item.row_begin, item.row_end, pivot,
                       partial_mean + item.partial_offset, partial_m2 + item.partial_offset,
@@ -226,7 +249,8 @@ void ForwardTyped(const ForwardArgs& args, const ParallelFor& parallel_for) {
       alignas(32) Acc pivot[kForwardBlockUnits];
       LoadPivots<T>(x, info.unit_begin, width, pivot);
       block_entropy[b] = FinishBlock<T>(x, total.n, args.units[info.tensor], info.unit_begin,
-                                        width, args.ddof, pivot, mean, var);
+                                        width, args.ddof, pivot, mean, var,
+                                        ResidualOut<Acc>(args, info.tensor, info.unit_begin));
     };
     // Merging touches 2 * partial_elements values: on the pool only when that is real work.
     const int64_t num_blocks = static_cast<int64_t>(plan.blocks.size());

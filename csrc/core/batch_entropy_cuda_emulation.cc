@@ -211,6 +211,8 @@ Report ForwardTyped(const ForwardArgs& args, const ForwardPlan& plan, const Opti
     emulator.AddRange(args.x[i], static_cast<size_t>(args.batch[i] * args.units[i] * elem), false, "x");
     emulator.AddRange(args.mean[i], static_cast<size_t>(args.units[i] * stats), true, "mean");
     emulator.AddRange(args.variance[i], static_cast<size_t>(args.units[i] * stats), true, "variance");
+    if (args.mean_residual && args.mean_residual[i])
+      emulator.AddRange(args.mean_residual[i], static_cast<size_t>(args.units[i] * stats), true, "mean_residual");
   }
   emulator.AddRange(args.entropy, static_cast<size_t>(args.num_tensors * elem), true, "entropy");
   char* ws = emulator.AllocateWorkspace(plan.workspace_bytes);
@@ -240,6 +242,7 @@ Report BackwardTyped(const BackwardArgs& args, const BackwardPlan& plan, const O
     emulator.AddRange(args.variance[i], s_bytes, false, "variance");
     if (args.grad_mean) emulator.AddRange(args.grad_mean[i], s_bytes, false, "grad_mean");
     if (args.grad_variance) emulator.AddRange(args.grad_variance[i], s_bytes, false, "grad_variance");
+    if (args.mean_residual) emulator.AddRange(args.mean_residual[i], s_bytes, false, "mean_residual");
   }
   emulator.AddRange(args.grad_entropy, static_cast<size_t>(args.num_tensors * elem), false, "grad_entropy");
   char* ws = emulator.AllocateWorkspace(plan.workspace_bytes);

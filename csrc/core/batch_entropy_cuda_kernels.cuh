@@ -18,7 +18,8 @@
 //   4. each tile's sum of H_j goes to the workspace; the last tile of a tensor to finish sums them
 //      in tile order and writes the entropy. A unit whose statistics are not finite is recomputed
 //      on the wide path (batch_entropy_wide.h) by the thread that finishes it.
-// Backward, per block: dx = (x - mean_j) * s_j + t_j with per-unit s_j, t_j in registers; x read
+// Backward, per block: dx = (x - mean_j) * s_j + t_j with per-unit s_j, t_j in registers (t_j
+// holds the mean residual's share, see BackwardArgs in batch_entropy_common.h); x read
 // once and dx written once, kChunkRows vector loads in flight per thread. A thread whose units
 // have a variance so large that s_j would underflow computes its rows on the wide path.
 #ifndef LBE_OPS_CORE_BATCH_ENTROPY_CUDA_KERNELS_CUH_
@@ -331,13 +332,15 @@ LBE_DEVICE double FinishWideUnits(const ForwardTensor& d, int64_t unit0, unsigne
         ddof);
     StoreOutput(static_cast<Acc*>(d.mean) + unit0 + v, static_cast<Acc>(w.mean));
     StoreOutput(static_cast<Acc*>(d.variance) + unit0 + v, static_cast<Acc>(w.Variance()));
+    if (d.mean_residual != nullptr)
+      StoreOutput(static_cast<Acc*>(d.mean_residual) + unit0 + v, wide::RoundedMeanResidual<Acc>(w.mean, w.mean_residual));
     h += w.entropy;
   }
   return h;
 }
 
-// Writes mean and variance of the V units from unit0 on from their total moments (the mean that
-// of x - pivot); returns their sum of H_j. Units whose statistics or H_j are not finite (an Inf or
+// Writes mean, variance and mean residual of the V units from unit0 on from their total moments
+// (the mean that of x - pivot); returns their sum of H_j. Units whose statistics or H_j are not finite (an Inf or
 // NaN in the input, or a sum of squares beyond the accumulator's range) are recomputed on the wide
 // path: finite input then gets its finite entropy, and Inf and NaN give what the formula's
 // arithmetic gives.
@@ -348,6 +351,7 @@ LBE_DEVICE double FinishUnits(const ForwardTensor& d, int64_t unit0, int64_t n, 
   using Acc = typename Elem<E>::Acc;
   Acc* mean_out = static_cast<Acc*>(d.mean) + unit0;
   Acc* var_out = static_cast<Acc*>(d.variance) + unit0;
+  Acc* residual_out = d.mean_residual != nullptr ? static_cast<Acc*>(d.mean_residual) + unit0 : nullptr;
   const Acc inv_dof = Acc(1) / static_cast<Acc>(n - ddof);
   const Acc pi_e = static_cast<Acc>(kPiE);
   double h = 0.0;
@@ -359,6 +363,7 @@ LBE_DEVICE double FinishUnits(const ForwardTensor& d, int64_t unit0, int64_t n, 
     if (hv - hv == 0.0 && mu - mu == Acc(0)) {
       StoreOutput(mean_out + v, mu);
       StoreOutput(var_out + v, var);
+      if (residual_out != nullptr) StoreOutput(residual_out + v, wide::SumResidual(pivot[v], mean[v], mu));
       h += hv;
     } else {
       wide_units |= 1u << v;
@@ -574,9 +579,11 @@ LBE_DEVICE void WideBackwardRows(const BackwardParams& p, const BackwardTensor& 
     }
     const double gv = d.grad_variance ? static_cast<double>(LoadInput(static_cast<const Acc*>(d.grad_variance) + unit)) : 0.0;
     const double gm = d.grad_mean ? static_cast<double>(LoadInput(static_cast<const Acc*>(d.grad_mean) + unit)) : 0.0;
+    const double residual =
+        d.mean_residual ? static_cast<double>(LoadInput(static_cast<const Acc*>(d.mean_residual) + unit)) : 0.0;
     const wide::UnitGradient u = wide::ComputeUnitGradient(
-        static_cast<double>(LoadInput(static_cast<const Acc*>(d.mean) + unit)), scaled_variance, k, g,
-        static_cast<double>(units), dof, gv, gm, static_cast<double>(d.batch));
+        static_cast<double>(LoadInput(static_cast<const Acc*>(d.mean) + unit)), residual, scaled_variance, k,
+        g, static_cast<double>(units), dof, gv, gm, static_cast<double>(d.batch));
     for (int64_t r = row; r < row_end; r += lanes) {
       const double xv = static_cast<double>(Elem<E>::ToAcc(LoadInput(x + r * units + unit)));
       StoreOutput(dx + r * units + unit, Elem<E>::FromAcc(static_cast<Acc>(u.Dx(xv))));
@@ -608,6 +615,7 @@ LBE_DEVICE void BackwardItem(const BackwardParams& p, const BackwardTensor& d, i
   const Acc* var_in = static_cast<const Acc*>(d.variance) + unit0;
   const Acc* grad_mean = d.grad_mean ? static_cast<const Acc*>(d.grad_mean) + unit0 : nullptr;
   const Acc* grad_var = d.grad_variance ? static_cast<const Acc*>(d.grad_variance) + unit0 : nullptr;
+  const Acc* residual = d.mean_residual ? static_cast<const Acc*>(d.mean_residual) + unit0 : nullptr;
   Acc mean[V], scale[V], shift[V];
   Acc max_var = Acc(0);  // NaN ignored
   LBE_UNROLL for (int v = 0; v < V; ++v) {
@@ -617,6 +625,10 @@ LBE_DEVICE void BackwardItem(const BackwardParams& p, const BackwardTensor& d, i
     if (grad_var) s += LoadInput(grad_var + v) * variance_factor;
     scale[v] = s;
     shift[v] = grad_mean ? LoadInput(grad_mean + v) * mean_factor : Acc(0);
+    if (residual) {  // (x - mean - r) s + t = (x - mean) s + (t - r s); r = 0 leaves t as it is
+      const Acc r = LoadInput(residual + v);
+      if (r != Acc(0)) shift[v] -= r * s;
+    }
     max_var = var > max_var ? var : max_var;
   }
   // Above the threshold the factor s loses precision or underflows: the wide path.

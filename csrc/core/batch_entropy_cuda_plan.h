@@ -70,6 +70,7 @@ struct ForwardTensor {
   const void* x;
   void* mean;
   void* variance;
+  void* mean_residual;      // may be null: not written
   int64_t batch;
   int64_t units;
   int64_t rows_per_split;
@@ -103,6 +104,7 @@ struct BackwardTensor {
   const void* variance;
   const void* grad_mean;        // may be null: zero
   const void* grad_variance;    // may be null: zero
+  const void* mean_residual;    // may be null: zero
   int64_t batch;
   int64_t units;
   int64_t rows_per_split;
@@ -233,6 +235,7 @@ inline std::string MakeForwardPlan(const ForwardArgs& args, const Tuning& tuning
     d.x = args.x[i];
     d.mean = args.mean[i];
     d.variance = args.variance[i];
+    d.mean_residual = args.mean_residual ? args.mean_residual[i] : nullptr;
     d.batch = batch;
     d.units = units;
     d.rows_per_split = g.rows_per_split;
@@ -294,6 +297,7 @@ inline std::string MakeBackwardPlan(const BackwardArgs& args, const Tuning& tuni
     d.variance = args.variance[i];
     d.grad_mean = args.grad_mean ? args.grad_mean[i] : nullptr;
     d.grad_variance = args.grad_variance ? args.grad_variance[i] : nullptr;
+    d.mean_residual = args.mean_residual ? args.mean_residual[i] : nullptr;
     d.batch = batch;
     d.units = units;
     d.rows_per_split = g.rows_per_split;

@@ -60,8 +60,28 @@ LBE_WIDE_FN double EntropyTerm(double scaled_variance, int k) {
   return 0.5 * (::log(kPiE * scaled_variance + Scale2(1.0, -2 * k)) + 2.0 * k * kLn2);
 }
 
+// The rounding error of sum = fl(a + b): (a + b) - sum exactly (Knuth's TwoSum, no branch and
+// no product, so neither operand order nor FMA contraction matters), or 0 where sum is not
+// finite. F is float or double.
+template <typename F>
+LBE_WIDE_FN F SumResidual(F a, F b, F sum) {
+  if (!(sum - sum == F(0))) return F(0);
+  const F b_part = sum - a;
+  return (a - (sum - b_part)) + (b - b_part);
+}
+
+// The residual of mean rounded to the statistics type Acc: (mean + mean_residual) - fl_Acc(mean),
+// mean and mean_residual being a double two-term mean (0 where the rounded mean is not finite).
+template <typename Acc>
+LBE_WIDE_FN Acc RoundedMeanResidual(double mean, double mean_residual) {
+  const Acc rounded = static_cast<Acc>(mean);
+  if (!(rounded - rounded == Acc(0))) return Acc(0);
+  return static_cast<Acc>((mean - static_cast<double>(rounded)) + mean_residual);
+}
+
 struct UnitMoments {
   double mean;             // the unit's mean (unscaled)
+  double mean_residual;    // the exact mean minus `mean`, to double rounding (0 if not finite)
   double scaled_variance;  // the variance times 2^(-2k)
   int k;                   // the scale exponent
   double entropy;          // H_j
@@ -92,14 +112,17 @@ LBE_WIDE_FN UnitMoments ComputeUnitMoments(const Load& load, int64_t rows, int64
     const double d = (load(r) * c - pivot) - shifted_mean;
     m2 += d * d;
   }
-  m.mean = Scale2(pivot + shifted_mean, m.k);
+  const double mean_c = pivot + shifted_mean;
+  m.mean = Scale2(mean_c, m.k);
+  m.mean_residual = IsFinite(m.mean) ? Scale2(SumResidual(pivot, shifted_mean, mean_c), m.k) : 0.0;
   m.scaled_variance = m2 / static_cast<double>(rows - ddof);
   m.entropy = EntropyTerm(m.scaled_variance, m.k);
   return m;
 }
 
 // dx = (x * c - mean_c) * scale + shift for one unit, every factor in double: the scaled form of
-// dx = (x - mean) * (g dH/dx factor + gv * 2 / (B - ddof)) + gm / B.
+// dx = (x - mean - mean_residual) * (g dH/dx factor + gv * 2 / (B - ddof)) + gm / B, the
+// residual's share folded into shift.
 struct UnitGradient {
   double c;       // 2^-k
   double mean_c;  // mean * c
@@ -108,10 +131,11 @@ struct UnitGradient {
   LBE_WIDE_FN double Dx(double x) const { return (x * c - mean_c) * scale + shift; }
 };
 
-// For a unit with the given mean and variance (variance = scaled_variance * 2^(2k)); g is the
-// upstream gradient of the entropy, units = U, dof = B - ddof, gv and gm the upstream gradients
-// of the variance and the mean.
-LBE_WIDE_FN UnitGradient ComputeUnitGradient(double mean, double scaled_variance, int k, double g,
+// For a unit with the given two-term mean (mean + mean_residual) and variance (variance =
+// scaled_variance * 2^(2k)); g is the upstream gradient of the entropy, units = U, dof = B - ddof,
+// gv and gm the upstream gradients of the variance and the mean.
+LBE_WIDE_FN UnitGradient ComputeUnitGradient(double mean, double mean_residual,
+                                             double scaled_variance, int k, double g,
                                              double units, double dof, double gv, double gm,
                                              double batch) {
   UnitGradient u;
@@ -120,7 +144,7 @@ LBE_WIDE_FN UnitGradient ComputeUnitGradient(double mean, double scaled_variance
   // g pi*e / (U dof (pi*e var + 1)) / c, with the O(1) quotient formed before the power of two.
   const double quotient = g * kPiE / (units * dof * (kPiE * scaled_variance + Scale2(1.0, -2 * k)));
   u.scale = Scale2(quotient, -k) + (gv == 0.0 ? 0.0 : Scale2(gv * 2.0 / dof, k));
-  u.shift = gm / batch;
+  u.shift = gm / batch - (mean_residual * u.c) * u.scale;
   return u;
 }
 

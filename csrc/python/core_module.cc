@@ -171,22 +171,24 @@ py::tuple HostForward(py::handle xs_obj, int64_t ddof, const std::function<std::
   const size_t n = xs.size();
   const py::dtype stats_dtype = StatsDType(call.in.dtype);
   py::array entropies(NumpyDType(call.in.dtype), std::vector<py::ssize_t>{static_cast<py::ssize_t>(n)});
-  py::list means, variances;
+  py::list means, variances, residuals;
   for (size_t i = 0; i < n; ++i) {
     std::vector<py::ssize_t> shape(xs[i].shape() + 1, xs[i].shape() + xs[i].ndim());
-    py::array m(stats_dtype, shape), v(stats_dtype, shape);
+    py::array m(stats_dtype, shape), v(stats_dtype, shape), r(stats_dtype, shape);
     call.mean.push_back(m.mutable_data());
     call.variance.push_back(v.mutable_data());
+    call.mean_residual.push_back(r.mutable_data());
     means.append(m);
     variances.append(v);
+    residuals.append(r);
   }
   call.entropy = entropies.mutable_data();
   RunWithoutGil(run, call.Args());
-  return py::make_tuple(entropies, means, variances);
+  return py::make_tuple(entropies, means, variances, residuals);
 }
 
 py::list HostBackward(py::handle xs_obj, py::handle means_obj, py::handle vars_obj, py::handle grad_entropies_obj,
-                      py::handle grad_means_obj, py::handle grad_vars_obj, int64_t ddof,
+                      py::handle grad_means_obj, py::handle grad_vars_obj, py::handle residuals_obj, int64_t ddof,
                       const std::function<std::string(const lbe::BackwardArgs&)>& run) {
   lbe::BackwardCall call;
   call.in.ddof = CheckDdof(ddof);
@@ -209,6 +211,7 @@ py::list HostBackward(py::handle xs_obj, py::handle means_obj, py::handle vars_o
   call.grad_entropy = grad_entropies.data();
   std::vector<py::array> gm = OptionalStats(grad_means_obj, "grad_means", call.in, &call.grad_mean);
   std::vector<py::array> gv = OptionalStats(grad_vars_obj, "grad_variances", call.in, &call.grad_variance);
+  std::vector<py::array> rs = OptionalStats(residuals_obj, "mean_residuals", call.in, &call.mean_residual);
   py::list dxs;
   for (size_t i = 0; i < n; ++i) {
     py::array dx(xs[i].dtype(), std::vector<py::ssize_t>(xs[i].shape(), xs[i].shape() + xs[i].ndim()));
@@ -449,11 +452,12 @@ void WithWorkspace(const char* what, py::handle workspace_obj, size_t need, uint
 }
 
 void FillForward(lbe::ForwardCall& c, py::handle xs, py::handle means, py::handle variances, py::handle entropies,
-                 int64_t ddof, const std::optional<std::string>& dtype) {
+                 py::handle mean_residuals, int64_t ddof, const std::optional<std::string>& dtype) {
   c.in.ddof = CheckDdof(ddof);
   ReadDeviceActivations(xs, dtype, &c.in);
   c.mean = DeviceOutputs(means, "means", c.in, true);
   c.variance = DeviceOutputs(variances, "variances", c.in, true);
+  if (!mean_residuals.is_none()) c.mean_residual = DeviceOutputs(mean_residuals, "mean_residuals", c.in, true);
   DeviceArray e = ReadDeviceArray(entropies, "entropies");
   CheckDevice(e, "entropies", c.in.dtype, false, c.in.size(), true);
   c.entropy = reinterpret_cast<void*>(e.ptr);
@@ -461,13 +465,14 @@ void FillForward(lbe::ForwardCall& c, py::handle xs, py::handle means, py::handl
 
 void FillBackward(lbe::BackwardCall& c, py::handle xs, py::handle means, py::handle variances,
                   py::handle grad_entropies, py::handle dxs, py::handle grad_means, py::handle grad_variances,
-                  int64_t ddof, const std::optional<std::string>& dtype) {
+                  py::handle mean_residuals, int64_t ddof, const std::optional<std::string>& dtype) {
   c.in.ddof = CheckDdof(ddof);
   ReadDeviceActivations(xs, dtype, &c.in);
   c.mean = DeviceStatsInputs(means, "means", c.in, false);
   c.variance = DeviceStatsInputs(variances, "variances", c.in, false);
   c.grad_mean = DeviceStatsInputs(grad_means, "grad_means", c.in, true);
   c.grad_variance = DeviceStatsInputs(grad_variances, "grad_variances", c.in, true);
+  c.mean_residual = DeviceStatsInputs(mean_residuals, "mean_residuals", c.in, true);
   c.dx = DeviceOutputs(dxs, "dxs", c.in, false);
   DeviceArray g = ReadDeviceArray(grad_entropies, "grad_entropies");
   CheckDevice(g, "grad_entropies", c.in.dtype, false, c.in.size(), false);
@@ -568,20 +573,23 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("xs"), py::arg("ddof") = 1,
       "CPU forward on a list of numpy arrays [batch, units...] of one dtype (float16, bfloat16 via ml_dtypes, "
-      "float32, float64). Returns (entropies[n] in the input dtype, means, variances), the statistics shaped like "
-      "x.shape[1:] in float32 (float64 for float64 inputs).");
+      "float32, float64). Returns (entropies[n] in the input dtype, means, variances, mean_residuals), the statistics "
+      "shaped like x.shape[1:] in float32 (float64 for float64 inputs); mean_residuals[i] is the exact mean minus "
+      "means[i], for backward.");
 
   m.def(
       "backward",
       [](py::handle xs, py::handle means, py::handle variances, py::handle grad_entropies, py::handle grad_means,
-         py::handle grad_variances, int64_t ddof) {
-        return HostBackward(xs, means, variances, grad_entropies, grad_means, grad_variances, ddof,
+         py::handle grad_variances, int64_t ddof, py::handle mean_residuals) {
+        return HostBackward(xs, means, variances, grad_entropies, grad_means, grad_variances, mean_residuals, ddof,
                             [](const lbe::BackwardArgs& a) { return lbe::cpu::Backward(a, lbe::cpu::SerialFor()); });
       },
       py::arg("xs"), py::arg("means"), py::arg("variances"), py::arg("grad_entropies"),
       py::arg("grad_means") = py::none(), py::arg("grad_variances") = py::none(), py::arg("ddof") = 1,
+      py::arg("mean_residuals") = py::none(),
       "CPU backward: dx for each x given the forward's statistics and the gradients of the entropies (and "
-      "optionally of the means and variances; None or None entries are zero). Returns a list of dx.");
+      "optionally of the means and variances, and the forward's mean_residuals; None or None entries are zero). "
+      "Returns a list of dx.");
 
   m.def(
       "_emulate_cuda_forward",
@@ -592,19 +600,20 @@ PYBIND11_MODULE(_core, m) {
           report = lbe::cuda::emulation::Forward(a, lbe::cuda::GetTuning(), options);
           return report.error;
         });
-        return py::make_tuple(out[0], out[1], out[2], ReportDict(report));
+        return py::make_tuple(out[0], out[1], out[2], out[3], ReportDict(report));
       },
       py::arg("xs"), py::arg("ddof") = 1, py::arg("block_order") = 0, py::arg("seed") = 0,
       "Runs the CUDA forward kernel's code on the CPU (each block's threads as fibers, every memory access "
-      "checked), for testing without a GPU. Returns (entropies, means, variances, info).");
+      "checked), for testing without a GPU. Returns (entropies, means, variances, mean_residuals, info).");
 
   m.def(
       "_emulate_cuda_backward",
       [](py::handle xs, py::handle means, py::handle variances, py::handle grad_entropies, py::handle grad_means,
-         py::handle grad_variances, int64_t ddof, int block_order, uint64_t seed) {
+         py::handle grad_variances, int64_t ddof, int block_order, uint64_t seed, py::handle mean_residuals) {
         const lbe::cuda::emulation::Options options = EmulationOptions(block_order, seed);
         lbe::cuda::emulation::Report report;
-        py::list dxs = HostBackward(xs, means, variances, grad_entropies, grad_means, grad_variances, ddof,
+        py::list dxs = HostBackward(xs, means, variances, grad_entropies, grad_means, grad_variances, mean_residuals,
+                                    ddof,
                                     [&](const lbe::BackwardArgs& a) {
                                       report = lbe::cuda::emulation::Backward(a, lbe::cuda::GetTuning(), options);
                                       return report.error;
@@ -613,7 +622,7 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("xs"), py::arg("means"), py::arg("variances"), py::arg("grad_entropies"),
       py::arg("grad_means") = py::none(), py::arg("grad_variances") = py::none(), py::arg("ddof") = 1,
-      py::arg("block_order") = 0, py::arg("seed") = 0,
+      py::arg("block_order") = 0, py::arg("seed") = 0, py::arg("mean_residuals") = py::none(),
       "Runs the CUDA backward kernel's code on the CPU (see _emulate_cuda_forward). Returns (dxs, info).");
 
   m.def("_cuda_plan", &PlanInfo, py::arg("shapes"), py::arg("dtype") = "float32", py::arg("ddof") = 1,
@@ -660,19 +669,20 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "cuda_forward_workspace_bytes",
       [](py::handle xs, py::handle means, py::handle variances, py::handle entropies, int64_t ddof,
-         std::optional<std::string> dtype) {
+         std::optional<std::string> dtype, py::handle mean_residuals) {
         lbe::ForwardCall c;
-        FillForward(c, xs, means, variances, entropies, ddof, dtype);
+        FillForward(c, xs, means, variances, entropies, mean_residuals, ddof, dtype);
         return lbe::cuda::ForwardWorkspaceBytes(c.Args());
       },
       py::arg("xs"), py::arg("means"), py::arg("variances"), py::arg("entropies"), py::arg("ddof") = 1,
-      py::arg("dtype") = py::none(), "Device scratch bytes cuda_forward needs for these arrays.");
+      py::arg("dtype") = py::none(), py::arg("mean_residuals") = py::none(),
+      "Device scratch bytes cuda_forward needs for these arrays.");
   m.def(
       "cuda_forward",
       [](py::handle xs, py::handle means, py::handle variances, py::handle entropies, int64_t ddof, uintptr_t stream,
-         py::handle workspace, std::optional<std::string> dtype) {
+         py::handle workspace, std::optional<std::string> dtype, py::handle mean_residuals) {
         lbe::ForwardCall c;
-        FillForward(c, xs, means, variances, entropies, ddof, dtype);
+        FillForward(c, xs, means, variances, entropies, mean_residuals, ddof, dtype);
         const lbe::ForwardArgs args = c.Args();
         const size_t need = lbe::cuda::ForwardWorkspaceBytes(args);
         WithWorkspace("cuda_forward", workspace, need, stream, [&](void* ws, size_t bytes, cudaStream_t s) {
@@ -681,29 +691,34 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("xs"), py::arg("means"), py::arg("variances"), py::arg("entropies"), py::arg("ddof") = 1,
       py::arg("stream") = 0, py::arg("workspace") = py::none(), py::arg("dtype") = py::none(),
+      py::arg("mean_residuals") = py::none(),
       "CUDA forward, enqueued on `stream` (a cudaStream_t as an int; 0 is the legacy default stream). xs: device "
       "arrays [batch, units...] with __cuda_array_interface__ (or such dicts), C-contiguous; writes means[i] and "
-      "variances[i] (units elements each, float32 or float64 for float64 inputs) and entropies (one per tensor, "
-      "input dtype). workspace: a device array of at least cuda_forward_workspace_bytes bytes, or None to take one "
+      "variances[i] (units elements each, float32 or float64 for float64 inputs), mean_residuals[i] when given "
+      "(the exact mean minus means[i], for cuda_backward) and entropies (one per tensor, input dtype). workspace: a device array of at least cuda_forward_workspace_bytes bytes, or None to take one "
       "from the stream-ordered allocator. dtype='bfloat16' reads 2-byte arrays as bfloat16.");
   m.def(
       "cuda_backward_workspace_bytes",
       [](py::handle xs, py::handle means, py::handle variances, py::handle grad_entropies, py::handle dxs,
-         py::handle grad_means, py::handle grad_variances, int64_t ddof, std::optional<std::string> dtype) {
+         py::handle grad_means, py::handle grad_variances, int64_t ddof, std::optional<std::string> dtype,
+         py::handle mean_residuals) {
         lbe::BackwardCall c;
-        FillBackward(c, xs, means, variances, grad_entropies, dxs, grad_means, grad_variances, ddof, dtype);
+        FillBackward(c, xs, means, variances, grad_entropies, dxs, grad_means, grad_variances, mean_residuals, ddof,
+                     dtype);
         return lbe::cuda::BackwardWorkspaceBytes(c.Args());
       },
       py::arg("xs"), py::arg("means"), py::arg("variances"), py::arg("grad_entropies"), py::arg("dxs"),
       py::arg("grad_means") = py::none(), py::arg("grad_variances") = py::none(), py::arg("ddof") = 1,
-      py::arg("dtype") = py::none(), "Device scratch bytes cuda_backward needs for these arrays.");
+      py::arg("dtype") = py::none(), py::arg("mean_residuals") = py::none(),
+      "Device scratch bytes cuda_backward needs for these arrays.");
   m.def(
       "cuda_backward",
       [](py::handle xs, py::handle means, py::handle variances, py::handle grad_entropies, py::handle dxs,
          py::handle grad_means, py::handle grad_variances, int64_t ddof, uintptr_t stream, py::handle workspace,
-         std::optional<std::string> dtype) {
+         std::optional<std::string> dtype, py::handle mean_residuals) {
         lbe::BackwardCall c;
-        FillBackward(c, xs, means, variances, grad_entropies, dxs, grad_means, grad_variances, ddof, dtype);
+        FillBackward(c, xs, means, variances, grad_entropies, dxs, grad_means, grad_variances, mean_residuals, ddof,
+                     dtype);
         const lbe::BackwardArgs args = c.Args();
         const size_t need = lbe::cuda::BackwardWorkspaceBytes(args);
         WithWorkspace("cuda_backward", workspace, need, stream, [&](void* ws, size_t bytes, cudaStream_t s) {
@@ -713,9 +728,10 @@ PYBIND11_MODULE(_core, m) {
       py::arg("xs"), py::arg("means"), py::arg("variances"), py::arg("grad_entropies"), py::arg("dxs"),
       py::arg("grad_means") = py::none(), py::arg("grad_variances") = py::none(), py::arg("ddof") = 1,
       py::arg("stream") = 0, py::arg("workspace") = py::none(), py::arg("dtype") = py::none(),
+      py::arg("mean_residuals") = py::none(),
       "CUDA backward, enqueued on `stream`: writes dxs[i] (shaped like xs[i]) from the forward's means and "
-      "variances and grad_entropies (one per tensor, input dtype); grad_means / grad_variances may be None or "
-      "hold None entries (zero).");
+      "variances and grad_entropies (one per tensor, input dtype); grad_means / grad_variances / mean_residuals "
+      "may be None or hold None entries (zero).");
 #else
   m.def("has_cuda", []() { return false; }, "Whether this module was built with the CUDA kernels.");
   m.def("cuda_device_count", []() { return 0; }, "Number of CUDA devices (0: built without CUDA).");

@@ -55,7 +55,8 @@ inline absl::Status CheckStats(const tensorflow::Tensor& t, const char* name, in
   return absl::OkStatus();
 }
 
-// A gradient for a statistic: [units], or [0] when none reached it (then *data is null).
+// An optional statistics input (a gradient for a statistic, a mean residual): [units], or [0] for
+// none (then *data is null).
 inline absl::Status CheckOptionalStats(const tensorflow::Tensor& t, const char* name,
                                        int64_t units, const void** data) {
   if (t.dims() == 1 && t.dim_size(0) == 0) {
@@ -64,7 +65,7 @@ inline absl::Status CheckOptionalStats(const tensorflow::Tensor& t, const char* 
   }
   if (t.dims() != 1 || t.dim_size(0) != units) {
     return tensorflow::errors::InvalidArgument(name, " must have shape [", units,
-                                               "] (or [0] for no gradient), got ",
+                                               "] (or [0] for none), got ",
                                                t.shape().DebugString());
   }
   *data = t.data();
@@ -124,6 +125,9 @@ absl::Status ZeroSmall(tensorflow::OpKernelContext* ctx, const lbe::ForwardCall&
     for (int i = run.begin; i < run.end; ++i) units += call.in.units[i];
     TF_RETURN_IF_ERROR(Launcher<Device>::Zero(ctx, call.mean[run.begin], units * stats_item));
     TF_RETURN_IF_ERROR(Launcher<Device>::Zero(ctx, call.variance[run.begin], units * stats_item));
+    if (!call.mean_residual.empty()) {
+      TF_RETURN_IF_ERROR(Launcher<Device>::Zero(ctx, call.mean_residual[run.begin], units * stats_item));
+    }
     TF_RETURN_IF_ERROR(Launcher<Device>::Zero(ctx, Advance(call.entropy, run.begin * item),
                                               (run.end - run.begin) * item));
   }
@@ -207,7 +211,7 @@ std::vector<Pointer> SplitStats(Pointer base, const lbe::Activations& a) {
 template <typename T, bool kGrouped>
 absl::Status Prepare(tensorflow::OpKernelContext* ctx, const tensorflow::OpInputList& xs,
                      lbe::ForwardCall* call) {
-  tensorflow::Tensor *entropy = nullptr, *mean = nullptr, *variance = nullptr;
+  tensorflow::Tensor *entropy = nullptr, *mean = nullptr, *variance = nullptr, *residual = nullptr;
   const tensorflow::TensorShape entropy_shape =
       kGrouped ? tensorflow::TensorShape({xs.size()}) : tensorflow::TensorShape({});
   TF_RETURN_IF_ERROR(ctx->allocate_output(0, entropy_shape, &entropy));
@@ -215,6 +219,10 @@ absl::Status Prepare(tensorflow::OpKernelContext* ctx, const tensorflow::OpInput
   TF_RETURN_IF_ERROR(ctx->allocate_output(2, {call->in.total_units}, &variance));
   call->mean = SplitStats<void*>(mean->data(), call->in);
   call->variance = SplitStats<void*>(variance->data(), call->in);
+  if (ctx->num_outputs() > 3) {  // num_residuals = 1
+    TF_RETURN_IF_ERROR(ctx->allocate_output(3, {call->in.total_units}, &residual));
+    call->mean_residual = SplitStats<void*>(residual->data(), call->in);
+  }
   call->entropy = entropy->data();
   return absl::OkStatus();
 }
@@ -266,12 +274,15 @@ absl::Status Prepare(tensorflow::OpKernelContext* ctx, const tensorflow::OpInput
   const char* const grad_entropy_name = kGrouped ? "grad_entropies" : "grad_entropy";
   const char* const grad_mean_name = kGrouped ? "grad_means" : "grad_mean";
   const char* const grad_variance_name = kGrouped ? "grad_variances" : "grad_variance";
+  const char* const residual_name = kGrouped ? "mean_residuals" : "mean_residual";
   const tensorflow::Tensor *mean, *variance, *grad_entropy, *grad_mean, *grad_variance;
+  tensorflow::OpInputList residuals;  // num_residuals (0 or 1) tensors
   TF_RETURN_IF_ERROR(ctx->input(mean_name, &mean));
   TF_RETURN_IF_ERROR(ctx->input(variance_name, &variance));
   TF_RETURN_IF_ERROR(ctx->input(grad_entropy_name, &grad_entropy));
   TF_RETURN_IF_ERROR(ctx->input(grad_mean_name, &grad_mean));
   TF_RETURN_IF_ERROR(ctx->input(grad_variance_name, &grad_variance));
+  TF_RETURN_IF_ERROR(ctx->input_list(residual_name, &residuals));
   if (kGrouped && !(grad_entropy->dims() == 1 && grad_entropy->dim_size(0) == n)) {
     return tensorflow::errors::InvalidArgument("grad_entropies must have shape [", n, "], got ",
                                                grad_entropy->shape().DebugString());
@@ -283,16 +294,20 @@ absl::Status Prepare(tensorflow::OpKernelContext* ctx, const tensorflow::OpInput
   const int64_t total_units = call->in.total_units;
   TF_RETURN_IF_ERROR(CheckStats(*mean, mean_name, total_units));
   TF_RETURN_IF_ERROR(CheckStats(*variance, variance_name, total_units));
-  const void *grad_mean_data = nullptr, *grad_variance_data = nullptr;
+  const void *grad_mean_data = nullptr, *grad_variance_data = nullptr, *residual_data = nullptr;
   TF_RETURN_IF_ERROR(CheckOptionalStats(*grad_mean, grad_mean_name, total_units, &grad_mean_data));
   TF_RETURN_IF_ERROR(CheckOptionalStats(*grad_variance, grad_variance_name, total_units,
                                         &grad_variance_data));
+  if (residuals.size() > 0) {
+    TF_RETURN_IF_ERROR(CheckOptionalStats(residuals[0], residual_name, total_units, &residual_data));
+  }
   call->dx.resize(n);
   TF_RETURN_IF_ERROR(AllocateGradients<T>(ctx, xs, &call->dx));
   call->mean = SplitStats<const void*>(mean->data(), call->in);
   call->variance = SplitStats<const void*>(variance->data(), call->in);
   call->grad_mean = SplitStats<const void*>(grad_mean_data, call->in);
   call->grad_variance = SplitStats<const void*>(grad_variance_data, call->in);
+  call->mean_residual = SplitStats<const void*>(residual_data, call->in);
   call->grad_entropy = grad_entropy->data();
   return absl::OkStatus();
 }
