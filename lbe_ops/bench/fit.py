@@ -94,20 +94,6 @@ def _spec(model):
         raise ValueError(f"unknown fit model {model!r}; known: {', '.join(FIT_MODELS)}") from None
 
 
-def parse_fit_models(text):
-    """The model names of --fit: a comma-separated list, 'all' (the standard models) or 'none'."""
-    items = [w.strip() for w in text.split(",") if w.strip()]
-    if items == ["none"]:
-        return []
-    if items == ["all"]:
-        return list(STANDARD_FIT_MODELS)
-    unknown = [w for w in items if w not in FIT_MODELS]
-    if unknown or not items:
-        raise ValueError(f"unknown fit model(s) {', '.join(unknown) or repr(text)}; known: "
-                         f"{', '.join(FIT_MODELS)}, or all, or none")
-    return list(dict.fromkeys(items))
-
-
 # --------------------------------------------------------------------------------------------
 # Building
 
