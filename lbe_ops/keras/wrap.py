@@ -6,16 +6,18 @@ produce the model's outputs. Where a layer's own activation is linear and its ou
 a chain of single-use normalization or dropout layers, into an activation layer (Dense ->
 BatchNormalization -> ReLU, Dense(activation=None) -> Activation("relu")), the regularizer sits
 on that activation layer: the paper regularizes the activations. `layers=` chooses exactly the
-layers whose outputs are regularized.
+layers whose outputs are regularized. A model in which nothing would be regularized (say, a stack
+of LSTMs) is an error that names the model's layers: its LBEModel would train with lbe = 0.
 """
 
+import collections
 import contextlib
 
 import keras
 import tensorflow as tf
 from keras.src.models.functional import Functional
 
-from lbe_ops.keras.alphas import unlocked, walk_layers
+from lbe_ops.keras.alphas import regularized_layers, unlocked, walk_layers
 from lbe_ops.keras.model import LBEModel
 from lbe_ops.keras.regularizer import LBERegularizer
 
@@ -152,6 +154,32 @@ def _chosen_layers(model, layers):
     return selected
 
 
+def _nothing_to_regularize(model, layers):
+    """The error of a wrap() that would regularize no layer: what the model has, what to do."""
+    if layers is not None:
+        return ValueError(
+            f"wrap(model, layers=...): layers= chooses no layer, and model {model.name!r} has "
+            "no LBERegularizer either: its LBEModel would train with the task loss alone.")
+
+    def model_layers(parent):  # the layers of the model and its nested models, not their parts
+        for layer in parent.layers:
+            yield layer
+            if isinstance(layer, keras.Model):
+                yield from model_layers(layer)
+
+    found = collections.Counter(type(layer).__name__ for layer in model_layers(model)
+                                if not isinstance(layer, keras.layers.InputLayer))
+    outputs = _output_layers(model)
+    candidates = [layer.name for layer in model.layers
+                  if not isinstance(layer, keras.layers.InputLayer) and id(layer) not in outputs]
+    example = f", e.g. wrap(model, layers={candidates[:3]!r})" if candidates else ""
+    return ValueError(
+        f"wrap(model): model {model.name!r} has no layer that wrap() regularizes by default "
+        "(the activations of Dense and convolution layers that do not produce the model's "
+        f"outputs); its layers: {', '.join(f'{n} {t}' for t, n in found.items()) or 'none'}. "
+        f"Choose the layers whose outputs to regularize with layers={example}.")
+
+
 def _attach(layer, regularizer):
     """Sets layer.activity_regularizer on a possibly built (state-locked) layer."""
     with unlocked(layer):
@@ -177,10 +205,15 @@ def wrap(model, layers=None, *, additive=False, cross_replica=False, name=None,
     activity_regularizer (layers that already have an LBERegularizer keep it), and the new
     model holds their alphas. `model` itself now adds the terms additively when called (none
     for a batch of one). Compile the returned model.
+
+    Raises ValueError where nothing would be regularized: no layer chosen (by default or by
+    `layers=`) and no LBERegularizer in the model already.
     """
     inputs, outputs = _model_graph(model)
     LBERegularizer(**regularizer_kwargs)  # checks the arguments before anything is changed
     selected = default_layers(model) if layers is None else _chosen_layers(model, layers)
+    if not selected and not regularized_layers(model):
+        raise _nothing_to_regularize(model, layers)
     for layer in selected:
         existing = getattr(layer, "activity_regularizer", None)
         if existing is not None and not isinstance(existing, LBERegularizer):
