@@ -15,9 +15,9 @@ import contextlib
 
 import keras
 import tensorflow as tf
-from keras.src.models.functional import Functional
 
-from lbe_ops.keras.alphas import regularized_layers, unlocked, walk_layers
+from lbe_ops.keras import _compat
+from lbe_ops.keras.alphas import regularized_layers, walk_layers
 from lbe_ops.keras.model import LBEModel
 from lbe_ops.keras.regularizer import LBERegularizer
 
@@ -46,14 +46,14 @@ def _is_linear(layer):
 def _single_consumer(layer):
     """The one layer that consumes `layer`'s output, if it is used exactly once and so is that
     consumer; else None."""
-    inbound = getattr(layer, "_inbound_nodes", None)
-    outbound = getattr(layer, "_outbound_nodes", None)
+    inbound = _compat.inbound_nodes(layer)
+    outbound = _compat.outbound_nodes(layer)
     if inbound is None or outbound is None or len(inbound) != 1 or len(outbound) != 1:
         return None
-    consumer = getattr(outbound[0], "operation", None)
+    consumer = _compat.node_operation(outbound[0])
     if not isinstance(consumer, keras.layers.Layer) or isinstance(consumer, keras.Model):
         return None
-    if len(getattr(consumer, "_inbound_nodes", ())) != 1:
+    if len(_compat.inbound_nodes(consumer) or ()) != 1:
         return None
     return consumer
 
@@ -81,14 +81,12 @@ def _output_layers(model):
     """Every layer (nested models followed inwards) that produces one of `model`'s outputs."""
     found, pending = set(), list(tf.nest.flatten(model.outputs))
     while pending:
-        history = getattr(pending.pop(), "_keras_history", None)
-        if history is None:
-            continue
-        layer = history[0]
-        if id(layer) in found:
+        layer = _compat.producing_layer(pending.pop())
+        if layer is None or id(layer) in found:
             continue
         found.add(id(layer))
-        if isinstance(layer, (keras.Sequential, Functional)) and getattr(layer, "outputs", None):
+        if (isinstance(layer, (keras.Sequential, _compat.Functional))
+                and getattr(layer, "outputs", None)):
             pending.extend(tf.nest.flatten(layer.outputs))
     return found
 
@@ -96,12 +94,12 @@ def _output_layers(model):
 def _model_graph(model):
     """(inputs, outputs) of a Sequential or Functional model."""
     if isinstance(model, keras.Sequential):
-        if not model.built or getattr(model, "_functional", None) is None:
+        if not model.built or not _compat.sequential_has_graph(model):
             raise ValueError(
                 f"wrap(model): the Sequential model {model.name!r} has no defined input yet; "
                 "start it with keras.Input(shape) or call model.build(input_shape) first.")
         return model.inputs, model.outputs
-    if isinstance(model, Functional):
+    if isinstance(model, _compat.Functional):
         return model.inputs, model.outputs
     raise TypeError(
         "wrap(model): model must be a Sequential or Functional keras model, got "
@@ -182,7 +180,7 @@ def _nothing_to_regularize(model, layers):
 
 def _attach(layer, regularizer):
     """Sets layer.activity_regularizer on a possibly built (state-locked) layer."""
-    with unlocked(layer):
+    with _compat.unlocked(layer):
         layer.activity_regularizer = regularizer
 
 
