@@ -34,8 +34,12 @@ fi
 # pytest runs outside the tree, so that an installed lbe_ops is not shadowed by the source tree.
 workdir="$(mktemp -d)"
 trap 'rm -rf "$workdir"' EXIT
-# The base's site-packages, .pth files included (an editable install is one), for each venv.
-base_sites="$("$python" -c 'import site; print(repr(site.getsitepackages()))')"
+# Lines for a .pth file that add the base's site-packages to a venv, with their own .pth files
+# (an editable install is one): after the venv's own, so that its Keras comes first.
+base_sites="$("$python" -c '
+import site
+for path in site.getsitepackages():
+    print(f"import site; site.addsitedir({path!r})")')"
 
 summary=()
 failed=0
@@ -46,7 +50,7 @@ for version in "${versions[@]}"; do
   if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv"
     site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-    echo "import site; [site.addsitedir(p) for p in $base_sites]" > "$site/lbe_ops_base.pth"
+    echo "$base_sites" > "$site/lbe_ops_base.pth"
   fi
   if ! "$venv/bin/python" -m pip install --quiet "keras==$version.*" > "$log" 2>&1; then
     summary+=("FAIL  keras $version: pip could not install it (see $log)")
@@ -60,7 +64,7 @@ for version in "${versions[@]}"; do
   (cd "$workdir" && "$venv/bin/python" -m pytest -q -p no:cacheprovider --rootdir "$repo" \
       ${KERAS_PYTEST_ARGS:-} "${tests[@]/#/$repo/}") >> "$log" 2>&1 || status=FAIL
   [ $status = PASS ] || failed=1
-  result="$(tail -n 1 "$log" | sed 's/^=* *//; s/ *=*$//')"
+  result="$(awk 'NF {last = $0} END {print last}' "$log" | sed 's/^=* *//; s/ *=*$//')"
   summary+=("$status  keras $release: $result (setup $setup s, tests $((SECONDS - started)) s)")
   echo "${summary[-1]}"
 done
