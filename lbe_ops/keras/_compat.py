@@ -168,21 +168,22 @@ def own_strategy(model):
     return getattr(model, "_distribute_strategy", None)
 
 
-class SymbolicBuildHook:
-    """A model base that chooses the batch Keras builds the model's state from.
+def chooses_build_batch(model_class):
+    """Class decorator: Keras builds the model's state from `model._lbe_build_batch(iterator,
+    data_batch)`, which returns the (iterator, data_batch) pair to build from.
 
     Works around: before fit() and evaluate(), Keras' TensorFlow trainer builds the model from
-    one batch of the data in the private `_maybe_symbolic_build(iterator, data_batch)`; a model
-    overrides `_lbe_build_batch(iterator, data_batch)` to give Keras another (iterator,
-    data_batch) pair (LBEModel does under MultiWorkerMirroredStrategy). Public replacement: none.
+    one batch of the data in the private `_maybe_symbolic_build(iterator, data_batch)`, which
+    LBEModel overrides this way (it passes a batch of its own under MultiWorkerMirroredStrategy).
+    Public replacement: none.
     """
-
-    def _lbe_build_batch(self, iterator, data_batch):
-        return iterator, data_batch
-
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         iterator, data_batch = self._lbe_build_batch(iterator, data_batch)
-        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        return super(model_class, self)._maybe_symbolic_build(iterator=iterator,
+                                                             data_batch=data_batch)
+
+    model_class._maybe_symbolic_build = _maybe_symbolic_build
+    return model_class
 
 
 def train_tf_functions(model):

@@ -154,7 +154,8 @@ def _collect_alphas_after_init(init):
 # The model
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class LBEModel(_compat.SymbolicBuildHook, keras.Model):
+@_compat.chooses_build_batch
+class LBEModel(keras.Model):
     """A keras.Model trained with the LBE loss of Peer et al. (TMLR 2022).
 
     loss = task_loss + task_loss * lbe        (additive=True: task_loss + lbe)
@@ -496,7 +497,7 @@ class LBEModel(_compat.SymbolicBuildHook, keras.Model):
                 RuntimeWarning, stacklevel=3)
 
     def _lbe_build_batch(self, iterator, data_batch):
-        """The batch Keras builds the model's state from (_compat.SymbolicBuildHook): its
+        """The batch Keras builds the model's state from (_compat.chooses_build_batch): its
         shapes, one worker at a time.
 
         Keras (TensorFlow backend) peeks at the first batch of a distributed iterator and
