@@ -97,6 +97,24 @@ def unlocked(layer):
             tracker.lock()
 
 
+def assign_sublayers(model, name, layers):
+    """Sets `model.<name> = layers` (a list of layers) on a built model, which then trains and
+    saves their weights.
+
+    Works around: besides the tracker lock (see unlocked), Keras 3.12 to 3.14's
+    Functional.__init__ replaces the model's list of sublayers (`_layers`) by a new list that its
+    attribute tracker does not fill: a layer assigned to a functional model afterwards is tracked
+    but is no sublayer, so its weights are neither trained nor saved. Such layers are added to
+    `_layers` here (Keras 3.15 tracks into `_layers` itself). Public replacement: none.
+    """
+    with unlocked(model):
+        setattr(model, name, layers)
+    known = model._layers
+    for layer in layers:
+        if all(layer is not sublayer for sublayer in known):
+            known.append(layer)
+
+
 def sublayers(layer):
     """The layers directly inside a layer that is not a keras.Model.
 

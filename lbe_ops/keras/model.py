@@ -264,8 +264,7 @@ class LBEModel(keras.Model):
             for index, (_, regularizer) in enumerate(new):
                 regularizer._hand_alpha_to(store, index)
             stores.insert(0, store)
-        with _compat.unlocked(self):
-            self._lbe_stores = stores
+        _compat.assign_sublayers(self, "_lbe_stores", stores)
 
     def _lbe_alpha_vector(self, regularizers):
         """The alphas of the recorded regularizers as one float32 vector: one read of the
