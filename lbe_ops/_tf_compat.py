@@ -28,9 +28,9 @@ def in_multi_worker_mode(strategy):
     """True under MultiWorkerMirroredStrategy with more than one worker.
 
     Works around: Keras' multi-worker failures (docs/distributed.md) happen only with several
-    workers, which the strategy tells only through the private `extended._in_multi_worker_mode()`.
-    Public replacement: none direct; counting the tasks of `strategy.cluster_resolver.cluster_spec()`
-    would rebuild it.
+    workers, which the strategy tells only through the private
+    `extended._in_multi_worker_mode()`. Public replacement: none direct; counting the tasks of
+    `strategy.cluster_resolver.cluster_spec()` would rebuild it.
     """
     return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
             and strategy.extended._in_multi_worker_mode())

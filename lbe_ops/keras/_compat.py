@@ -1,8 +1,8 @@
 """Every use of Keras internals in lbe_ops, in one place.
 
-Keras 3 has no public API for what the entries below do; each says what it works around and which
-public API would replace it. A Keras release that changes one of them breaks here first:
-scripts/check_keras_versions.sh runs the Keras tests against every supported Keras version
+Keras 3 has no public API that does what the entries below do; each says what it works around
+and which public API would replace it. A Keras release that changes one of them breaks here
+first: scripts/check_keras_versions.sh runs the Keras tests against every supported Keras version
 (docs/keras.md). TensorFlow internals are in lbe_ops/_tf_compat.py.
 """
 
