@@ -20,6 +20,9 @@ from pathlib import Path
 
 import tensorflow as tf
 
+# in_xla_context: part of this module's backend choice (lbe_ops.reference asks it too).
+from lbe_ops._tf_compat import in_xla_context
+
 _PACKAGE_DIR = Path(__file__).resolve().parent
 LIBRARY_NAME = "_lbe_ops.so"
 BUILD_INFO_NAME = "_build_info.json"
@@ -244,15 +247,6 @@ def use_backend(name):
         yield
     finally:
         _local.backend = previous
-
-
-def in_xla_context():
-    """True while tracing a function that XLA will compile (jit_compile=True)."""
-    from tensorflow.python.ops import control_flow_util  # no public equivalent
-    if tf.executing_eagerly():
-        return False
-    graph = tf.compat.v1.get_default_graph()
-    return bool(control_flow_util.GraphOrParentsInXlaContext(graph))
 
 
 def op_module():

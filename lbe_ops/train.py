@@ -1,5 +1,8 @@
 """lbe-train: trains one deep plain ReLU network with and without LBE, and compares the two.
 
+The command line is parsed in lbe_ops_cli (lbe_ops_cli.train_main, before TensorFlow is
+imported); run() does the work.
+
     lbe-train                                   # digits, 100 layers, both runs, ~minutes on a CPU
     lbe-train --data mnist.npz --depth 500 ...  # the paper's setting (docs/training.md)
 
@@ -10,15 +13,13 @@ folder receives results.json, curves.png (test accuracy and task loss per epoch)
 layer_entropy.png (per-layer batch entropy, layer x epoch, for both runs).
 """
 
+import datetime
 import json
 import math
 import os
 import platform
 import sys
 import time
-
-from lbe_ops_cli import (  # noqa: F401  (the command line, re-exported for scripts and tests)
-    DEFAULT_WIDTH, DEFAULTS, INITS, OUTPUT_FILES, build_parser, default_out_dir, parse_args)
 
 RESULTS_VERSION = 2
 EVAL_BATCH_SIZE = 500
@@ -384,10 +385,14 @@ def _load_average():
         return None
 
 
-def main(argv=None):
-    """lbe-train with the given arguments (sys.argv[1:] by default); returns the exit code."""
-    parser, args = parse_args(argv)
-    return run(parser, args)
+def default_out_dir():
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = os.path.abspath(f"lbe-train-{stamp}")
+    suffix = 1
+    while os.path.exists(path):
+        suffix += 1
+        path = os.path.abspath(f"lbe-train-{stamp}-{suffix}")
+    return path
 
 
 def run(parser, args):
@@ -479,7 +484,3 @@ def run(parser, args):
     for figure in figures:
         print(f"wrote {os.path.join(out_dir, figure)}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -106,10 +106,9 @@ def main(argv=None):
     bad = [v for v in variants if v not in fit_bench.GRAPH_VARIANTS]
     if bad:
         p.error(f"--variants: unknown {', '.join(bad)} (known: plain, op, tf)")
-    try:
-        name = fit_bench.parse_fit_models(args.model)[0]
-    except (ValueError, IndexError) as exc:
-        p.error(f"model: {exc}")
+    name = args.model
+    if name not in fit_bench.FIT_MODELS:
+        p.error(f"model: unknown fit model {name!r}; known: {', '.join(fit_bench.FIT_MODELS)}")
     spec = fit_bench.FIT_MODELS[name]
     runs = fit_bench.build_fit_models(name, variants)
     for run in runs.values():

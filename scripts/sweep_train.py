@@ -6,12 +6,13 @@
     python scripts/sweep_train.py --backends op --jobs 2      # two runs at a time, one thread each
     python scripts/sweep_train.py --out DIR --aggregate       # re-tabulate finished runs
 
-Each (seed, backend) runs `python -m lbe_ops.train ... --backend B --seed S --out
-OUT/<B>-seed-S` in its own process. The baseline (beta = 0) does not depend on the backend (its
-LBE term is zero), so it is trained once per seed, in the first backend's run. Runs go one after
-the other, or --jobs at a time (each then limited to one TensorFlow thread: wall times are those of
-one core per run). Arguments after `--` go to lbe-train unchanged. The table (Markdown) is printed
-and written to OUT/summary.md, the numbers to OUT/summary.json.
+Each (seed, backend) runs lbe-train (its console-script function, lbe_ops_cli.train_main, in
+this Python) with `... --backend B --seed S --out OUT/<B>-seed-S` in its own process. The
+baseline (beta = 0) does not depend on the backend (its LBE term is zero), so it is trained once
+per seed, in the first backend's run. Runs go one after the other, or --jobs at a time (each then
+limited to one TensorFlow thread: wall times are those of one core per run). Arguments after `--`
+go to lbe-train unchanged. The table (Markdown) is printed and written to OUT/summary.md, the
+numbers to OUT/summary.json.
 """
 
 import argparse
@@ -19,12 +20,15 @@ import concurrent.futures
 import datetime
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
 import time
 
 BACKENDS = ("op", "tf")
+# What the lbe-train console script runs, for `python -c` with lbe-train's arguments.
+LBE_TRAIN = "import sys, lbe_ops_cli; sys.exit(lbe_ops_cli.train_main())"
 
 
 def _parse(argv):
@@ -118,9 +122,9 @@ def tabulate(found, seeds, backends):
 
 def _run_all(jobs_list, passthrough, out, jobs):
     env = dict(os.environ)
-    # `python -m lbe_ops.train` would put the working directory first on sys.path: run from a
-    # clone's root, it would import the source tree, which has no compiled op. PYTHONSAFEPATH
-    # (Python 3.11) leaves it off, so the runs import the installed package.
+    # `python -c` would put the working directory first on sys.path: run from a clone's root,
+    # it would import the source tree, which has no compiled op. PYTHONSAFEPATH (Python 3.11)
+    # leaves it off, so the runs import the installed package.
     env["PYTHONSAFEPATH"] = "1"
     if jobs > 1:  # one core per run: N runs of 1 thread, not N runs fighting over all cores
         env.setdefault("TF_NUM_INTRAOP_THREADS", "1")
@@ -129,11 +133,11 @@ def _run_all(jobs_list, passthrough, out, jobs):
     def run(job):
         backend, seed, with_baseline = job
         folder = _run_dir(out, backend, seed)
-        command = [sys.executable, "-m", "lbe_ops.train", *passthrough, "--backend", backend,
+        command = [sys.executable, "-c", LBE_TRAIN, *passthrough, "--backend", backend,
                    "--seed", str(seed), "--out", folder, "--quiet", "--overwrite"]
         if not with_baseline:
             command.append("--no-baseline")
-        print("$", " ".join(command), flush=True)
+        print("$", shlex.join(command), flush=True)
         started = time.perf_counter()
         with open(folder + ".log", "w") as log:
             code = subprocess.run(command, env=env, stdout=log, stderr=log).returncode

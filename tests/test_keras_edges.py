@@ -236,6 +236,27 @@ def test_wrap_regularizes_the_activation_layer_after_a_linear_layer(rng):
     assert regularized_names(chosen) == [plain.layers[0].name]
 
 
+def test_wrap_of_a_model_with_nothing_to_regularize_names_its_layers_and_layers_arg():
+    """A stack of LSTMs has no Dense or convolution layer but its output head: wrap() says so
+    (its LBEModel would train with lbe 0) and points at layers=, which makes it work."""
+    def lstms():
+        return keras.Sequential([keras.Input((6, 3)),
+                                 keras.layers.LSTM(8, return_sequences=True, name="lstm_a"),
+                                 keras.layers.LSTM(8, name="lstm_b"),
+                                 keras.layers.Dense(2, name="head")], name="recurrent")
+
+    with pytest.raises(ValueError, match=r"'recurrent' has no layer that wrap\(\) regularizes "
+                                         r"by default.*its layers: 2 LSTM, 1 Dense\. .*layers="
+                                         r".*\['lstm_a', 'lstm_b'\]"):
+        lk.wrap(lstms())
+    with pytest.raises(ValueError, match="layers= chooses no layer"):
+        lk.wrap(lstms(), layers=[])
+    model = lstms()
+    assert regularized_names(lk.wrap(model, layers=["lstm_b"])) == ["lstm_b"]
+    # Layers that already hold an LBERegularizer are enough: nothing new to choose.
+    assert regularized_names(lk.wrap(model)) == ["lstm_b"]
+
+
 def test_wrapping_the_same_layers_twice_shares_and_trains_their_alphas(rng):
     base = mlp()
     first = lk.wrap(base, alpha=1.5)

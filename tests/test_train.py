@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lbe_ops import train
+from lbe_ops_cli import DEFAULTS, train_main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = ["--depth", "3", "--width", "8", "--epochs", "2", "--quiet"]
@@ -61,7 +62,7 @@ def _check_run(run, epochs, depth, beta, validated=True):
 def test_digits_end_to_end(tmp_path, capsys):
     pytest.importorskip("sklearn")
     out = tmp_path / "out"
-    assert train.main(TINY + ["--out", str(out), "--lr", "1e-3", "--seed", "3",
+    assert train_main(TINY + ["--out", str(out), "--lr", "1e-3", "--seed", "3",
                               "--val-fraction", "0.1"]) == 0
     printed = capsys.readouterr().out
     assert "batch entropy backend:" in printed
@@ -78,7 +79,7 @@ def test_digits_end_to_end(tmp_path, capsys):
     assert config["val_fraction"] == 0.1
     assert config["backend"] in ("op", "tf")
     assert set(results["runs"]) == {"lbe", "baseline"}
-    _check_run(results["runs"]["lbe"], epochs=2, depth=3, beta=train.DEFAULTS["beta"])
+    _check_run(results["runs"]["lbe"], epochs=2, depth=3, beta=DEFAULTS["beta"])
     _check_run(results["runs"]["baseline"], epochs=2, depth=3, beta=0.0)
     # Both runs start from the same weights: the same network at epoch 0.
     lbe, baseline = results["runs"]["lbe"]["history"], results["runs"]["baseline"]["history"]
@@ -112,7 +113,7 @@ def test_npz_data_and_default_out_dir(tmp_path, monkeypatch, capsys, arch):
     argv = ["--data", str(data), "--arch", arch, "--depth", "2", "--width", "4",
             "--epochs", "2", "--batch-size", "8", "--no-baseline", "--backend", "tf",
             "--val-fraction", "0.2" if validated else "0"]
-    assert train.main(argv) == 0
+    assert train_main(argv) == 0
     capsys.readouterr()
     outs = [p for p in tmp_path.iterdir() if p.name.startswith("lbe-train-")]
     assert len(outs) == 1 and outs[0].is_dir()
@@ -122,7 +123,7 @@ def test_npz_data_and_default_out_dir(tmp_path, monkeypatch, capsys, arch):
     assert config["input_shape"] == [6, 6, 1] and config["arch"] == arch
     assert config["backend"] == "tf" and config["baseline"] is False
     assert set(results["runs"]) == {"lbe"}
-    _check_run(results["runs"]["lbe"], epochs=2, depth=2, beta=train.DEFAULTS["beta"],
+    _check_run(results["runs"]["lbe"], epochs=2, depth=2, beta=DEFAULTS["beta"],
                validated=validated)
     for name in ("curves.png", "layer_entropy.png"):
         _check_png(outs[0] / name)
@@ -130,7 +131,7 @@ def test_npz_data_and_default_out_dir(tmp_path, monkeypatch, capsys, arch):
 
 def _error(capsys, argv):
     with pytest.raises(SystemExit) as exc:
-        train.main(argv)
+        train_main(argv)
     assert exc.value.code == 2
     return capsys.readouterr().err
 
@@ -194,7 +195,7 @@ def test_schedule_and_clipping_reach_the_results(tmp_path, capsys):
     out = tmp_path / "out"
     argv = TINY + ["--out", str(out), "--no-baseline", "--lr-decay", "0.5", "--clip-norm",
                    "2", "--init", "orthogonal", "--weight-decay", "1e-4"]
-    assert train.main(argv) == 0
+    assert train_main(argv) == 0
     printed = capsys.readouterr().out
     assert "cosine to 0 over the last 50% of the steps" in printed
     assert "weight decay 0.0001" in printed
@@ -210,14 +211,14 @@ def test_out_refuses_an_earlier_run_unless_overwrite(tmp_path, capsys):
     out.mkdir()
     (out / "notes.txt").write_text("mine")       # a folder with other files is fine
     argv = TINY + ["--depth", "2", "--epochs", "1", "--no-baseline", "--out", str(out)]
-    assert train.main(argv) == 0
+    assert train_main(argv) == 0
     first = (out / "results.json").read_text()
     capsys.readouterr()
     err = _error(capsys, argv)
     assert "already holds a run (results.json, curves.png, layer_entropy.png)" in err
     assert "--overwrite" in err
     assert (out / "results.json").read_text() == first
-    assert train.main(argv + ["--overwrite", "--seed", "5"]) == 0
+    assert train_main(argv + ["--overwrite", "--seed", "5"]) == 0
     assert json.loads((out / "results.json").read_text())["config"]["seed"] == 5
     assert (out / "notes.txt").read_text() == "mine"
 
@@ -242,27 +243,9 @@ def test_validation_split_is_stratified_fixed_and_disjoint():
         _data.split_validation(tiny, 0.5)
 
 
-def test_command_line_is_parsed_before_tensorflow_is_imported():
-    """lbe-train's console script starts in lbe_ops_cli: --help and wrong arguments answer
-    without importing TensorFlow (seconds)."""
-    import subprocess
-    import sys
-
-    code = ("import sys, lbe_ops_cli\n"
-            "try:\n    lbe_ops_cli.train_main(sys.argv[1:])\n"
-            "except SystemExit as exc:\n"
-            "    print('exit', exc.code, 'tensorflow' in sys.modules)\n")
-    for argv, status, expected in ((["--depth", "0"], 2, "--depth: expected a positive"),
-                                   (["--help"], 0, "usage: lbe-train")):
-        proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True,
-                              text=True, timeout=120)
-        assert proc.stdout.strip().splitlines()[-1] == f"exit {status} False", proc.stdout
-        assert expected in proc.stdout + proc.stderr
-
-
 def test_help(capsys):
     with pytest.raises(SystemExit) as exc:
-        train.main(["--help"])
+        train_main(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
     for option in ("--depth", "--width", "--epochs", "--batch-size", "--lr", "--alpha",

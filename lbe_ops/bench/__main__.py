@@ -2,6 +2,6 @@
 
 import sys
 
-from lbe_ops.bench.cli import main
+from lbe_ops_cli import bench_main
 
-sys.exit(main())
+sys.exit(bench_main())

@@ -1,5 +1,8 @@
 """lbe-bench: times the batch-entropy op against pure TensorFlow, on this machine.
 
+The command line is parsed in lbe_ops_cli (lbe_ops_cli.bench_main, before TensorFlow is
+imported); run() does the work. Also `python -m lbe_ops.bench`.
+
     lbe-bench                       # a representative set of cases, the training step, fit()
     lbe-bench --quick               # tiny shapes, a few repetitions: a smoke run
     lbe-bench --full                # every shape in every dtype
@@ -29,20 +32,17 @@ machine, the load, the command), results.md (the tables) and results.png (speed-
 ratio). Timings are not assertions: nothing here fails on a slow machine.
 """
 
-import argparse
 import datetime
 import json
-import math
 import os
-import sys
 
 import tensorflow as tf
 
 import lbe_ops
 from lbe_ops import _loader
 from lbe_ops.bench import fit as fit_bench
-from lbe_ops.bench.cases import (DTYPES, FULL_SET, MODES, QUICK_SET, STANDARD_SET, VARIANTS,
-                                 all_cases, build_function, make_input)
+from lbe_ops.bench.cases import (FULL_SET, QUICK_SET, STANDARD_SET, all_cases, build_function,
+                                 make_input)
 from lbe_ops.bench.machine import load_average, machine_info
 from lbe_ops.bench.report import fmt_ms, fmt_ratio, format_table, table_rows, write_chart
 from lbe_ops.bench.timing import (QUICK_ROUNDS, copy_bandwidth, copy_function,
@@ -50,106 +50,15 @@ from lbe_ops.bench.timing import (QUICK_ROUNDS, copy_bandwidth, copy_function,
 from lbe_ops.bench.train_step import format_train_summary, run_train
 
 RESULTS_VERSION = 2
-# Accepted in --variants for the pure-TensorFlow variant, as earlier versions named it.
-_VARIANT_ALIASES = {"graph": "tf"}
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-
-def _non_negative_seconds(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
-    return value
-
-
-def _fit_models(text):
-    try:
-        return fit_bench.parse_fit_models(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(
-        prog="lbe-bench",
-        description="Time the lbe_ops batch-entropy op against pure TensorFlow (graph mode "
-                    "and XLA) and the machine's copy bandwidth.")
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true",
-                      help="tiny shapes, few repetitions, a 10-layer training step (smoke run)")
-    size.add_argument("--full", action="store_true", help="every case in every dtype")
-    p.add_argument("--cases", help="comma-separated case names (or prefixes) to run; "
-                   f"known: {', '.join(all_cases())}")
-    p.add_argument("--dtypes", help=f"comma-separated dtypes ({', '.join(DTYPES)}); "
-                   "overrides each case's dtype list")
-    p.add_argument("--modes", default="fwd,fwdbwd", help="comma-separated: fwd, fwdbwd")
-    p.add_argument("--variants", default="op,tf,xla",
-                   help="comma-separated: op (the compiled op), tf (pure TensorFlow, graph "
-                        "mode), xla (pure TensorFlow under XLA)")
-    p.add_argument("--min-time", type=_non_negative_seconds, default=None,
-                   help="seconds of interleaved rounds per case and mode (default 2, quick 0.1)")
-    p.add_argument("--train-layers", type=int, default=None,
-                   help="depth of the training-step network (default 500, quick 10; 0: skip)")
-    p.add_argument("--train-time", type=_non_negative_seconds, default=None,
-                   help="seconds of interleaved rounds for the training step (default 15, quick "
-                        "0.1): its variants differ by a few percent, about as much as the noise "
-                        "of a few rounds on a shared VM")
-    p.add_argument("--train-width", type=int, default=32)
-    p.add_argument("--train-batch", type=int, default=128)
-    p.add_argument("--train-xla", action="store_true",
-                   help="also time the training step compiled by XLA (slow to compile)")
-    p.add_argument("--fit", type=_fit_models, default=None, metavar="MODELS",
-                   help="comma-separated fit() models, 'all' or 'none' (default all, quick "
-                        "mlp-10x16); known: mlp-500x32, mlp-100x64, cnn-30x16, mlp-10x16")
-    p.add_argument("--fit-time", type=_non_negative_seconds, default=None,
-                   help="seconds of interleaved fit() rounds per model (default 20, quick 0.1; "
-                        "at least 5 rounds, quick 3)")
-    p.add_argument("--fit-xla", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time plain and LBE fit() compiled by XLA (default on, off in "
-                        "--quick; compiling the 500-layer LBE model takes minutes)")
-    p.add_argument("--fit-only", action="store_true",
-                   help="run only the fit() table: no kernel cases, no training step, no chart")
-    p.add_argument("--allocator", choices=("default", "bfc"), default="default",
-                   help="TensorFlow's CPU allocator: 'default' (what users get) or 'bfc' "
-                        "(TF_CPU_ALLOCATOR_USE_BFC=true: keeps freed memory, so large outputs "
-                        "do not page-fault on every call); must be chosen before TF runs an op")
-    p.add_argument("--out", default="lbe-bench-results", help="output folder (JSON, table, PNG)")
-    p.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
-    return p.parse_args(argv)
-
-
 def _select_cases(args):
     cases = all_cases()
     chosen = QUICK_SET if args.quick else FULL_SET if args.full else STANDARD_SET
     if args.cases:
-        wanted = [w.strip() for w in args.cases.split(",") if w.strip()]
-        names = [n for n in cases if any(n == w or n.startswith(w) for w in wanted)]
-        unknown = [w for w in wanted if not any(n == w or n.startswith(w) for n in cases)]
-        if unknown:
-            raise SystemExit(f"lbe-bench: unknown case(s): {', '.join(unknown)}; "
-                             f"known: {', '.join(cases)}")
         default_dtypes = dict(chosen)
-        chosen = [(n, default_dtypes.get(n, ("float32",))) for n in names]
+        chosen = [(name, default_dtypes.get(name, ("float32",))) for name in args.cases]
     if args.dtypes:
-        dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
-        bad = [d for d in dtypes if d not in DTYPES]
-        if bad:
-            raise SystemExit(f"lbe-bench: unknown dtype(s): {', '.join(bad)}")
-        chosen = [(n, dtypes) for n, _ in chosen]
-    return [(cases[n], dts) for n, dts in chosen]
-
-
-def _split_list(text, allowed, what, aliases=None):
-    items = tuple((aliases or {}).get(x.strip(), x.strip()) for x in text.split(",") if x.strip())
-    bad = [x for x in items if x not in allowed]
-    if bad or not items:
-        raise SystemExit(f"lbe-bench: bad {what}: {text!r} (allowed: {', '.join(allowed)})")
-    return items
+        chosen = [(name, args.dtypes) for name, _ in chosen]
+    return [(cases[name], dtypes) for name, dtypes in chosen]
 
 
 def run_case(case, dtype, mode, variants, min_time, log, quick=False):
@@ -207,17 +116,13 @@ def run_fit(models, fit_time, min_rounds, with_xla, log):
             "models": entries}
 
 
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def run(args, command):
+    """lbe-bench from the arguments lbe_ops_cli parsed; `command` is recorded in results.json."""
     if args.allocator == "bfc":
         # Read when TensorFlow creates its CPU allocator, at the first op it runs.
         os.environ["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
     tf.get_logger().setLevel("ERROR")  # building many tf.functions is the point, not a mistake
-    modes = _split_list(args.modes, MODES, "--modes")
-    variants = tuple(dict.fromkeys(_split_list(args.variants, VARIANTS, "--variants",
-                                               _VARIANT_ALIASES)))
-    if "op" not in variants:
-        raise SystemExit("lbe-bench: --variants must include op (everything is compared to it)")
+    modes, variants = args.modes, args.variants
     min_time = args.min_time if args.min_time is not None else (0.1 if args.quick else 2.0)
     train_layers = args.train_layers if args.train_layers is not None else (
         10 if args.quick else 500)
@@ -229,10 +134,6 @@ def main(argv=None):
     fit_time = args.fit_time if args.fit_time is not None else (0.1 if args.quick else 20.0)
     fit_xla = args.fit_xla if args.fit_xla is not None else not args.quick
     if args.fit_only:
-        if args.cases or args.full:
-            raise SystemExit("lbe-bench: --fit-only runs no kernel cases; drop --cases/--full")
-        if not fit_models:
-            raise SystemExit("lbe-bench: --fit-only with --fit none leaves nothing to run")
         cases, train_layers = [], 0
     else:
         cases = _select_cases(args)
@@ -274,7 +175,7 @@ def main(argv=None):
     header, rows = table_rows(results)
     doc = {
         "version": RESULTS_VERSION,
-        "command": "lbe-bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command,
         "started_utc": started.isoformat(timespec="seconds"),
         "seconds": round((datetime.datetime.now(datetime.timezone.utc) - started)
                          .total_seconds(), 1),
@@ -317,7 +218,3 @@ def main(argv=None):
               "to be compared.")
     print(f"load average before {load_before}, after {load_after}; results in {args.out}/")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -94,20 +94,6 @@ def _spec(model):
         raise ValueError(f"unknown fit model {model!r}; known: {', '.join(FIT_MODELS)}") from None
 
 
-def parse_fit_models(text):
-    """The model names of --fit: a comma-separated list, 'all' (the standard models) or 'none'."""
-    items = [w.strip() for w in text.split(",") if w.strip()]
-    if items == ["none"]:
-        return []
-    if items == ["all"]:
-        return list(STANDARD_FIT_MODELS)
-    unknown = [w for w in items if w not in FIT_MODELS]
-    if unknown or not items:
-        raise ValueError(f"unknown fit model(s) {', '.join(unknown) or repr(text)}; known: "
-                         f"{', '.join(FIT_MODELS)}, or all, or none")
-    return list(dict.fromkeys(items))
-
-
 # --------------------------------------------------------------------------------------------
 # Building
 
@@ -211,15 +197,14 @@ def build_fit_models(model, variants=FIT_VARIANTS, seed=0):
 def lbe_op_in_train_function(model):
     """True if the model's traced train function runs a Lbe> op, False if not, None if unknown.
 
-    Reads Keras 3's TensorFlow trainer from outside (the tf.function in the closure of
-    model.train_function), so it answers None rather than fail if that changes."""
+    Reads Keras 3's TensorFlow trainer from outside (lbe_ops.keras._compat.train_tf_functions),
+    so it answers None rather than fail if that changes."""
     try:
-        import tensorflow as tf
+        from lbe_ops import _tf_compat
+        from lbe_ops.keras import _compat
 
-        cells = model.train_function.__closure__ or ()
-        functions = [c.cell_contents for c in cells
-                     if isinstance(c.cell_contents, tf.types.experimental.PolymorphicFunction)]
-        concrete = [cf for f in functions for cf in f._list_all_concrete_functions()]
+        concrete = [cf for f in _compat.train_tf_functions(model)
+                    for cf in _tf_compat.concrete_functions(f)]
         if not concrete:
             return None
         for cf in concrete:

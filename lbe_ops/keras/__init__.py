@@ -21,6 +21,8 @@ How it fits together (one module per concern):
   statistics, export without LBE terms.
 - wrap: an LBEModel over an existing Sequential or Functional model.
 - callbacks: LayerEntropyLogger (History and TensorBoard).
+- _compat: every use of Keras internals, each with what it works around and the public API
+  that would replace it (TensorFlow internals: lbe_ops._tf_compat).
 
 Outside an LBEModel (a plain keras.Model) the regularizer returns the additive term
 `beta * (H - max(alpha_min, |alpha|))^2`, pre-multiplied by the batch size on Keras versions that

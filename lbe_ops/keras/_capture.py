@@ -13,7 +13,6 @@ import contextlib
 import threading
 
 import tensorflow as tf
-from keras.src.backend.common import symbolic_scope as _symbolic_scope
 
 _state = threading.local()
 DISABLED = "disabled"
@@ -47,11 +46,6 @@ class Capture:
             return op.type == "DivNoNan" and op.inputs[0].ref() in self.placeholder_refs
         except (AttributeError, TypeError):
             return False
-
-
-def in_symbolic_trace():
-    """True while Keras infers output shapes by tracing layers in a scratch graph."""
-    return _symbolic_scope.in_symbolic_scope()
 
 
 def current_mode():

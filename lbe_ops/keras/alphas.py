@@ -6,12 +6,11 @@ plain model's checkpoint loads into a wrapped one, and `summary()` shows each la
 parameters).
 """
 
-import contextlib
-
 import keras
 import numpy as np
 import tensorflow as tf
 
+from lbe_ops.keras import _compat
 from lbe_ops.keras.regularizer import LBERegularizer
 
 # Weight arguments that must never hold an LBERegularizer (it regularizes activations).
@@ -58,20 +57,6 @@ class AlphaStore(keras.layers.Layer):
         raise TypeError("AlphaStore is not callable")
 
 
-@contextlib.contextmanager
-def unlocked(layer):
-    """Lets attributes be set on a built layer or model, whose Keras tracker is locked."""
-    tracker = getattr(layer, "_tracker", None)
-    locked = bool(tracker is not None and tracker.locked)
-    if locked:
-        tracker.unlock()
-    try:
-        yield layer
-    finally:
-        if locked:
-            tracker.lock()
-
-
 def walk_layers(model):
     """Every layer inside `model`, nested models followed inwards, in the order of each model's
     `layers` (the graph order for Sequential and Functional models); each layer once."""
@@ -81,7 +66,7 @@ def walk_layers(model):
         if isinstance(parent, keras.Model):
             children = parent.layers
         else:
-            children = parent._flatten_layers(include_self=False, recursive=False)
+            children = _compat.sublayers(parent)
         for child in children:
             if id(child) in seen or isinstance(child, (LBERegularizer, AlphaStore)):
                 continue

@@ -8,22 +8,16 @@ import warnings
 import keras
 import numpy as np
 import tensorflow as tf
-from keras.src.models import model as _keras_model_module
-from keras.src.models.functional import Functional
 
 import lbe_ops
-from lbe_ops.keras import _capture, _loss
-from lbe_ops.keras.alphas import AlphaStore, regularized_layers, unlocked
+from lbe_ops import _tf_compat
+from lbe_ops.keras import _capture, _compat, _loss
+from lbe_ops.keras.alphas import AlphaStore, regularized_layers
 from lbe_ops.keras.regularizer import PACKAGE, check_flag
 
 
 def _num_replicas():
     return tf.distribute.get_strategy().num_replicas_in_sync
-
-
-def _in_multi_worker_mode(strategy):
-    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-            and strategy.extended._in_multi_worker_mode())
 
 
 def _reducible_across_workers(logs):
@@ -33,7 +27,7 @@ def _reducible_across_workers(logs):
     step returns with strategy.reduce("MEAN", value, axis=0), which fails on the scalars that
     metrics return. A scalar as a vector of one element has the same mean over the replicas.
     """
-    if not _in_multi_worker_mode(tf.distribute.get_strategy()):
+    if not _tf_compat.in_multi_worker_mode(tf.distribute.get_strategy()):
         return logs
     return tf.nest.map_structure(
         lambda value: tf.reshape(value, [1]) if value.shape.rank == 0 else value, logs)
@@ -118,7 +112,7 @@ def _functional_variant(cls):
                     config[option] = value
         return config
 
-    variant = type(cls.__name__, (cls, Functional), {
+    variant = type(cls.__name__, (cls, _compat.Functional), {
         "__module__": cls.__module__,
         "__qualname__": cls.__qualname__,
         "__doc__": cls.__doc__,
@@ -160,6 +154,7 @@ def _collect_alphas_after_init(init):
 # The model
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
+@_compat.chooses_build_batch
 class LBEModel(keras.Model):
     """A keras.Model trained with the LBE loss of Peer et al. (TMLR 2022).
 
@@ -190,7 +185,7 @@ class LBEModel(keras.Model):
             cls.__init__ = _collect_alphas_after_init(cls.__dict__["__init__"])
 
     def __new__(cls, *args, **kwargs):
-        if _is_functional_call(args, kwargs) and not issubclass(cls, Functional):
+        if _is_functional_call(args, kwargs) and not issubclass(cls, _compat.Functional):
             variant = _functional_variant(cls)
             return super(LBEModel, variant).__new__(variant, *args, **kwargs)
         # keras.Model.__new__ drops the constructor arguments before Layer.__new__ records
@@ -205,8 +200,8 @@ class LBEModel(keras.Model):
         if functional:
             # What keras.Model.__init__ does for functional arguments, minus its rewrite of
             # this class's bases (see _functional_variant).
-            _keras_model_module.Trainer.__init__(self)
-            Functional.__init__(self, *args, **kwargs)
+            _compat.init_trainer(self)
+            _compat.Functional.__init__(self, *args, **kwargs)
         else:
             super().__init__(*args, **kwargs)
         self._lbe_additive = additive
@@ -269,8 +264,7 @@ class LBEModel(keras.Model):
             for index, (_, regularizer) in enumerate(new):
                 regularizer._hand_alpha_to(store, index)
             stores.insert(0, store)
-        with unlocked(self):
-            self._lbe_stores = stores
+        _compat.assign_sublayers(self, "_lbe_stores", stores)
 
     def _lbe_alpha_vector(self, regularizers):
         """The alphas of the recorded regularizers as one float32 vector: one read of the
@@ -310,7 +304,7 @@ class LBEModel(keras.Model):
     def compute_task_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         """The task loss that LBE multiplies: the compiled loss (None if there is none)."""
         del x, training
-        compile_loss = getattr(self, "_compile_loss", None)
+        compile_loss = _compat.compiled_loss(self)
         if compile_loss is None:
             return None
         return compile_loss(y, y_pred, sample_weight)
@@ -479,7 +473,7 @@ class LBEModel(keras.Model):
 
     def _lbe_check_steps_per_execution(self):
         steps = getattr(self, "steps_per_execution", 1) or 1
-        if steps > 1 and _in_multi_worker_mode(self.distribute_strategy):
+        if steps > 1 and _tf_compat.in_multi_worker_mode(self.distribute_strategy):
             raise ValueError(
                 f"LBEModel {self.name!r}: steps_per_execution={steps} does not run under "
                 "MultiWorkerMirroredStrategy with several workers (Keras' loop over several "
@@ -501,8 +495,9 @@ class LBEModel(keras.Model):
                 "for them (the task loss still trained on them). Shown once per model.",
                 RuntimeWarning, stacklevel=3)
 
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        """Builds the model's state from the shapes of one batch, one worker at a time.
+    def _lbe_build_batch(self, iterator, data_batch):
+        """The batch Keras builds the model's state from (_compat.chooses_build_batch): its
+        shapes, one worker at a time.
 
         Keras (TensorFlow backend) peeks at the first batch of a distributed iterator and
         averages it over the replicas with strategy.reduce, only to learn its shapes and dtypes.
@@ -512,8 +507,9 @@ class LBEModel(keras.Model):
         shapes and dtypes, and reading it needs no collective. Other strategies keep Keras'
         way.
         """
-        strategy = getattr(self, "_distribute_strategy", None)
-        if iterator is not None and data_batch is None and _in_multi_worker_mode(strategy):
+        strategy = _compat.own_strategy(self)
+        if (iterator is not None and data_batch is None
+                and _tf_compat.in_multi_worker_mode(strategy)):
             for _, _, batches in iterator:
                 data_batch = tf.nest.map_structure(
                     lambda value: (strategy.experimental_local_results(value)[0]
@@ -522,7 +518,7 @@ class LBEModel(keras.Model):
                     next(batches))
                 break
             iterator = None
-        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        return iterator, data_batch
 
     def fit(self, *args, **kwargs):
         try:

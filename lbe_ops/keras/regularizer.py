@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from lbe_ops import _validation
 from lbe_ops import ops as _ops
-from lbe_ops.keras import _capture, _loss
+from lbe_ops.keras import _capture, _compat, _loss
 
 PACKAGE = "lbe_ops"
 
@@ -185,7 +185,7 @@ class LBERegularizer(keras.layers.Layer, keras.regularizers.Regularizer):
     def _hand_alpha_to(self, store, index):
         """Called by an LBEModel that now holds this alpha in its vector."""
         if self._alpha_view is None:
-            self._untrack_variable(self._own_alpha)
+            _compat.untrack_variable(self, self._own_alpha)
         self._alpha_view = AlphaView(store, index)
 
     def load_own_variables(self, store):
@@ -212,7 +212,7 @@ class LBERegularizer(keras.layers.Layer, keras.regularizers.Regularizer):
             raise ValueError(
                 f"{self!r} was called on the weight {x.name!r}: LBERegularizer is an activity "
                 "regularizer (activity_regularizer=...), not a kernel or bias regularizer.")
-        if _capture.in_symbolic_trace():
+        if _compat.in_symbolic_scope():
             # Keras infers output shapes by tracing layers in a scratch graph (e.g. when a
             # subclassed model builds on its first call): nothing to record or compute there.
             return tf.zeros((), tf.float32)
@@ -261,16 +261,5 @@ class LBERegularizer(keras.layers.Layer, keras.regularizers.Regularizer):
                 f"beta={self.beta}, ddof={self.ddof})")
 
 
-def _register_short_names():
-    """keras.regularizers.get("LBERegularizer") (and activity_regularizer="LBERegularizer") look
-    the name up in Keras's table of regularizers, which has no public way to add to it."""
-    try:
-        from keras.src import regularizers as keras_regularizers
-        table = keras_regularizers.ALL_OBJECTS_DICT
-    except (ImportError, AttributeError):
-        return
-    for name in ("LBERegularizer", "lbe_regularizer"):
-        table.setdefault(name, LBERegularizer)
-
-
-_register_short_names()
+# keras.regularizers.get("LBERegularizer"), and activity_regularizer="LBERegularizer".
+_compat.register_regularizer_names(LBERegularizer, ("LBERegularizer", "lbe_regularizer"))

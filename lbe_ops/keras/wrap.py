@@ -6,16 +6,18 @@ produce the model's outputs. Where a layer's own activation is linear and its ou
 a chain of single-use normalization or dropout layers, into an activation layer (Dense ->
 BatchNormalization -> ReLU, Dense(activation=None) -> Activation("relu")), the regularizer sits
 on that activation layer: the paper regularizes the activations. `layers=` chooses exactly the
-layers whose outputs are regularized.
+layers whose outputs are regularized. A model in which nothing would be regularized (say, a stack
+of LSTMs) is an error that names the model's layers: its LBEModel would train with lbe = 0.
 """
 
+import collections
 import contextlib
 
 import keras
 import tensorflow as tf
-from keras.src.models.functional import Functional
 
-from lbe_ops.keras.alphas import unlocked, walk_layers
+from lbe_ops.keras import _compat
+from lbe_ops.keras.alphas import regularized_layers, walk_layers
 from lbe_ops.keras.model import LBEModel
 from lbe_ops.keras.regularizer import LBERegularizer
 
@@ -44,14 +46,14 @@ def _is_linear(layer):
 def _single_consumer(layer):
     """The one layer that consumes `layer`'s output, if it is used exactly once and so is that
     consumer; else None."""
-    inbound = getattr(layer, "_inbound_nodes", None)
-    outbound = getattr(layer, "_outbound_nodes", None)
+    inbound = _compat.inbound_nodes(layer)
+    outbound = _compat.outbound_nodes(layer)
     if inbound is None or outbound is None or len(inbound) != 1 or len(outbound) != 1:
         return None
-    consumer = getattr(outbound[0], "operation", None)
+    consumer = _compat.node_operation(outbound[0])
     if not isinstance(consumer, keras.layers.Layer) or isinstance(consumer, keras.Model):
         return None
-    if len(getattr(consumer, "_inbound_nodes", ())) != 1:
+    if len(_compat.inbound_nodes(consumer) or ()) != 1:
         return None
     return consumer
 
@@ -79,14 +81,12 @@ def _output_layers(model):
     """Every layer (nested models followed inwards) that produces one of `model`'s outputs."""
     found, pending = set(), list(tf.nest.flatten(model.outputs))
     while pending:
-        history = getattr(pending.pop(), "_keras_history", None)
-        if history is None:
-            continue
-        layer = history[0]
-        if id(layer) in found:
+        layer = _compat.producing_layer(pending.pop())
+        if layer is None or id(layer) in found:
             continue
         found.add(id(layer))
-        if isinstance(layer, (keras.Sequential, Functional)) and getattr(layer, "outputs", None):
+        if (isinstance(layer, (keras.Sequential, _compat.Functional))
+                and getattr(layer, "outputs", None)):
             pending.extend(tf.nest.flatten(layer.outputs))
     return found
 
@@ -94,12 +94,12 @@ def _output_layers(model):
 def _model_graph(model):
     """(inputs, outputs) of a Sequential or Functional model."""
     if isinstance(model, keras.Sequential):
-        if not model.built or getattr(model, "_functional", None) is None:
+        if not model.built or not _compat.sequential_has_graph(model):
             raise ValueError(
                 f"wrap(model): the Sequential model {model.name!r} has no defined input yet; "
                 "start it with keras.Input(shape) or call model.build(input_shape) first.")
         return model.inputs, model.outputs
-    if isinstance(model, Functional):
+    if isinstance(model, _compat.Functional):
         return model.inputs, model.outputs
     raise TypeError(
         "wrap(model): model must be a Sequential or Functional keras model, got "
@@ -152,9 +152,35 @@ def _chosen_layers(model, layers):
     return selected
 
 
+def _nothing_to_regularize(model, layers):
+    """The error of a wrap() that would regularize no layer: what the model has, what to do."""
+    if layers is not None:
+        return ValueError(
+            f"wrap(model, layers=...): layers= chooses no layer, and model {model.name!r} has "
+            "no LBERegularizer either: its LBEModel would train with the task loss alone.")
+
+    def model_layers(parent):  # the layers of the model and its nested models, not their parts
+        for layer in parent.layers:
+            yield layer
+            if isinstance(layer, keras.Model):
+                yield from model_layers(layer)
+
+    found = collections.Counter(type(layer).__name__ for layer in model_layers(model)
+                                if not isinstance(layer, keras.layers.InputLayer))
+    outputs = _output_layers(model)
+    candidates = [layer.name for layer in model.layers
+                  if not isinstance(layer, keras.layers.InputLayer) and id(layer) not in outputs]
+    example = f", e.g. wrap(model, layers={candidates[:3]!r})" if candidates else ""
+    return ValueError(
+        f"wrap(model): model {model.name!r} has no layer that wrap() regularizes by default "
+        "(the activations of Dense and convolution layers that do not produce the model's "
+        f"outputs); its layers: {', '.join(f'{n} {t}' for t, n in found.items()) or 'none'}. "
+        f"Choose the layers whose outputs to regularize with layers={example}.")
+
+
 def _attach(layer, regularizer):
     """Sets layer.activity_regularizer on a possibly built (state-locked) layer."""
-    with unlocked(layer):
+    with _compat.unlocked(layer):
         layer.activity_regularizer = regularizer
 
 
@@ -177,10 +203,15 @@ def wrap(model, layers=None, *, additive=False, cross_replica=False, name=None,
     activity_regularizer (layers that already have an LBERegularizer keep it), and the new
     model holds their alphas. `model` itself now adds the terms additively when called (none
     for a batch of one). Compile the returned model.
+
+    Raises ValueError where nothing would be regularized: no layer chosen (by default or by
+    `layers=`) and no LBERegularizer in the model already.
     """
     inputs, outputs = _model_graph(model)
     LBERegularizer(**regularizer_kwargs)  # checks the arguments before anything is changed
     selected = default_layers(model) if layers is None else _chosen_layers(model, layers)
+    if not selected and not regularized_layers(model):
+        raise _nothing_to_regularize(model, layers)
     for layer in selected:
         existing = getattr(layer, "activity_regularizer", None)
         if existing is not None and not isinstance(existing, LBERegularizer):
