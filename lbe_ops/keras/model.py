@@ -310,11 +310,11 @@ class LBEModel(keras.Model):
         return compile_loss(y, y_pred, sample_weight)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        capture = _capture.current_mode()
-        if not isinstance(capture, _capture.Capture):
+        if _capture.current_mode() is not _capture.Mode.CAPTURE:
             # Not inside an LBE step: the regularizers added their additive terms themselves.
             return super().compute_loss(x, y, y_pred, sample_weight, training=training)
-        records, capture.records = capture.records, []
+        capture = _capture.current_capture()
+        records = capture.take_records()
 
         task = self.compute_task_loss(x, y, y_pred, sample_weight, training)
         extra = [self._lbe_sum_extra_loss(loss) for loss in self.losses

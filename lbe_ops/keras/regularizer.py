@@ -217,10 +217,9 @@ class LBERegularizer(keras.layers.Layer, keras.regularizers.Regularizer):
             # subclassed model builds on its first call): nothing to record or compute there.
             return tf.zeros((), tf.float32)
         mode = _capture.current_mode()
-        if isinstance(mode, _capture.Capture):
-            mode.records.append((self, x))
-            return mode.placeholder()
-        if mode == _capture.DISABLED:
+        if mode is _capture.Mode.CAPTURE:
+            return _capture.current_capture().record(self, x)
+        if mode is _capture.Mode.DISABLED:
             return tf.zeros((), tf.float32)
         return self.call(x)
 
