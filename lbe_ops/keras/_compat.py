@@ -207,22 +207,25 @@ def own_strategy(model):
     return getattr(model, "_distribute_strategy", None)
 
 
-def chooses_build_batch(model_class):
-    """Class decorator: Keras builds the model's state from `model._lbe_build_batch(iterator,
-    data_batch)`, which returns the (iterator, data_batch) pair to build from.
+def builds_from(choose_batch):
+    """Class decorator: before fit() and evaluate(), Keras builds the model's state from the
+    (iterator, data_batch) pair that `choose_batch(model, iterator, data_batch)` returns.
 
-    Works around: before fit() and evaluate(), Keras' TensorFlow trainer builds the model from
-    one batch of the data in the private `_maybe_symbolic_build(iterator, data_batch)`, which
-    LBEModel overrides this way (it passes a batch of its own under MultiWorkerMirroredStrategy).
-    Public replacement: none.
+    Works around: Keras' TensorFlow trainer builds the model from one batch of the data in the
+    private `_maybe_symbolic_build(iterator, data_batch)`, which the decorated class overrides this
+    way (LBEModel passes a batch of its own under MultiWorkerMirroredStrategy). Public
+    replacement: none.
     """
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        iterator, data_batch = self._lbe_build_batch(iterator, data_batch)
-        return super(model_class, self)._maybe_symbolic_build(iterator=iterator,
-                                                             data_batch=data_batch)
+    def decorate(model_class):
+        def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+            iterator, data_batch = choose_batch(self, iterator, data_batch)
+            return super(model_class, self)._maybe_symbolic_build(iterator=iterator,
+                                                                 data_batch=data_batch)
 
-    model_class._maybe_symbolic_build = _maybe_symbolic_build
-    return model_class
+        model_class._maybe_symbolic_build = _maybe_symbolic_build
+        return model_class
+
+    return decorate
 
 
 def train_tf_functions(model):
