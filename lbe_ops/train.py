@@ -352,37 +352,20 @@ def _environment():
     import tensorflow as tf
 
     import lbe_ops
+    from lbe_ops import _machine
     return {
         "lbe_ops": lbe_ops.__version__,
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        "cpu": _machine.cpu_model(),
         "cpu_count": os.cpu_count(),
         # Other processes on the machine slow the runs down: the 1/5/15-minute load averages
         # when this one started put the wall times in context.
-        "load_average": _load_average(),
+        "load_average": _machine.load_average(),
         "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
     }
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
-def _load_average():
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):  # not on every platform
-        return None
 
 
 def default_out_dir():
