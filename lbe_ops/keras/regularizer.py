@@ -189,8 +189,8 @@ class LBERegularizer(keras.layers.Layer, keras.regularizers.Regularizer):
         self._alpha_view = AlphaView(store, index)
 
     def load_own_variables(self, store):
-        # Files written before the alphas moved into the model keep each alpha under its
-        # regularizer; restore it into the model's vector.
+        # A file saved where this regularizer held its alpha as its own weight (a plain Keras
+        # model) has the alpha here; in an LBEModel it belongs in the model's vector.
         if self._alpha_view is not None and "0" in store.keys():
             self._alpha_view.assign(np.asarray(store["0"]))
             return
