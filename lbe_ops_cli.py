@@ -239,7 +239,8 @@ BENCH_MODES = ("fwd", "fwdbwd")
 BENCH_VARIANTS = ("op", "tf", "xla")
 BENCH_FIT_MODELS = ("mlp-500x32", "mlp-100x64", "cnn-30x16", "mlp-10x16")
 BENCH_STANDARD_FIT_MODELS = ("mlp-500x32", "mlp-100x64", "cnn-30x16")
-# Accepted in --variants for the pure-TensorFlow variant, as earlier versions named it.
+# --variants also takes `graph` for the pure-TensorFlow variant, so that command lines written
+# with that name keep working.
 _VARIANT_ALIASES = {"graph": "tf"}
 
 

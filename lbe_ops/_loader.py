@@ -325,7 +325,7 @@ def _register_ops_at_import():
     """Loads the library when lbe_ops is imported, so that its ops are registered for
     tf.saved_model.load / graph imports that contain them (nothing traces an lbe_ops call there,
     so a lazy load would never happen). LBE_OPS_BACKEND=tf keeps the library unloaded. A library
-    that cannot be used is only recorded here; the warning comes at first use, as before."""
+    that cannot be used is only recorded here; the warning comes at its first use."""
     if os.environ.get("LBE_OPS_BACKEND", "auto").strip().lower() != "tf":
         _load()
 

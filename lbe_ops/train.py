@@ -41,31 +41,13 @@ def _initializers(keras, init, fan_in, seed):
 
 def build_network(keras, args, image_shape, num_classes):
     """The plain network as a functional keras.Model: `depth` ReLU layers and a linear head."""
-    inputs = keras.Input(shape=image_shape, name="image")
+    from lbe_ops._networks import plain_relu_network
+
     seed = args.seed * 100_003  # distinct initializer seeds per layer, reproducible per --seed
-    if args.arch == "mlp":
-        x = keras.layers.Flatten(name="flatten")(inputs)
-        fan_in = int(math.prod(image_shape))
-        for i in range(args.depth):
-            kernel, bias = _initializers(keras, args.init, fan_in, seed + 2 * i)
-            x = keras.layers.Dense(args.width, activation="relu", kernel_initializer=kernel,
-                                   bias_initializer=bias, name=f"dense_{i + 1}")(x)
-            fan_in = args.width
-    else:
-        x = inputs
-        fan_in = 9 * image_shape[-1]
-        for i in range(args.depth):
-            kernel, bias = _initializers(keras, args.init, fan_in, seed + 2 * i)
-            x = keras.layers.Conv2D(args.width, 3, padding="same", activation="relu",
-                                    kernel_initializer=kernel, bias_initializer=bias,
-                                    name=f"conv_{i + 1}")(x)
-            fan_in = 9 * args.width
-        x = keras.layers.Flatten(name="flatten")(x)
-        fan_in = int(math.prod(image_shape[:-1])) * args.width
-    kernel, bias = _initializers(keras, args.init, fan_in, seed + 2 * args.depth)
-    logits = keras.layers.Dense(num_classes, kernel_initializer=kernel, bias_initializer=bias,
-                                name="logits")(x)
-    return keras.Model(inputs, logits, name=f"plain_{args.arch}_{args.depth}")
+    return plain_relu_network(
+        args.arch, args.depth, args.width, image_shape, num_classes,
+        lambda index, fan_in: _initializers(keras, args.init, fan_in, seed + 2 * index),
+        name=f"plain_{args.arch}_{args.depth}", input_name="image")
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,37 +334,20 @@ def _environment():
     import tensorflow as tf
 
     import lbe_ops
+    from lbe_ops import _machine
     return {
         "lbe_ops": lbe_ops.__version__,
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        "cpu": _machine.cpu_model(),
         "cpu_count": os.cpu_count(),
         # Other processes on the machine slow the runs down: the 1/5/15-minute load averages
         # when this one started put the wall times in context.
-        "load_average": _load_average(),
+        "load_average": _machine.load_average(),
         "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
     }
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
-def _load_average():
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):  # not on every platform
-        return None
 
 
 def default_out_dir():

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import zipfile
 
 import h5py
@@ -296,9 +297,29 @@ def test_entropies_of_all_layers_come_from_one_batch_entropies_call(rng, monkeyp
     assert calls == [3] * 4  # one call per step, holding the three layers
 
 
+def test_regularizer_modes_nest_per_thread():
+    mode = lk_capture.Mode
+    assert lk_capture.current_mode() is mode.TERM
+    with lk_capture.capturing() as capture:
+        assert lk_capture.current_mode() is mode.CAPTURE
+        assert lk_capture.current_capture() is capture
+        with lk_capture.regularizers_disabled():
+            assert lk_capture.current_mode() is mode.DISABLED
+        assert lk_capture.current_capture() is capture
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(lk_capture.current_mode()))
+        thread.start()
+        thread.join()
+        assert seen == [mode.TERM]
+    assert lk_capture.current_mode() is mode.TERM
+    with pytest.raises(RuntimeError, match="no LBEModel step"):
+        lk_capture.current_capture()
+
+
 def test_placeholder_activity_losses_are_left_out_of_the_step_graph(rng):
-    # In an LBEModel step the regularizers hand Keras zeros; compute_loss recognises what Keras
-    # made of them and leaves them out, while real add_loss terms stay.
+    # In an LBEModel step the regularizers hand Keras placeholder zeros; compute_loss recognises
+    # what Keras made of them (on 3.14+ a quotient by the batch size) and leaves them out, while
+    # real add_loss terms stay.
     class AddedLoss(keras.layers.Layer):
         def call(self, inputs):
             self.add_loss(keras.ops.sum(inputs))
@@ -306,7 +327,8 @@ def test_placeholder_activity_losses_are_left_out_of_the_step_graph(rng):
 
     inputs = keras.Input((4,))
     h = keras.layers.Dense(3, activity_regularizer=lk.LBERegularizer())(inputs)
-    h = keras.layers.Dense(3, activity_regularizer=lk.LBERegularizer())(AddedLoss()(h))
+    h = keras.layers.Dense(3, activity_regularizer=lk.LBERegularizer(),
+                           kernel_regularizer="l2")(AddedLoss()(h))
     model = keras.Model(inputs, h)
 
     flags = []
@@ -319,7 +341,7 @@ def test_placeholder_activity_losses_are_left_out_of_the_step_graph(rng):
         return x
 
     step(tf.constant(rng.standard_normal((5, 4)), tf.float32))
-    assert sorted(flags) == [False, True, True]
+    assert sorted(flags) == [False, False, True, True]
 
 
 def test_autoencoder_with_mse_and_extra_losses(rng):

@@ -22,7 +22,7 @@
 // Items with a variance so large that s would underflow take the wide path (WideBackwardItem).
 // Both passes prefetch the next work item while they compute (ItemPrefetcher), except the
 // backward pass of narrow blocks: there the prefetches cost as much as the loop itself when the
-// group is in the last-level cache, and gained nothing measurable when it was not.
+// group is in the last-level cache, and save nothing when it is not.
 #ifndef LBE_CPU_ISA
 #error "define LBE_CPU_ISA before including batch_entropy_cpu_impl.h"
 #endif

@@ -13,8 +13,8 @@ namespace LBE_CPU_ISA {
 // log1p(z) to float precision for z >= 0 (or NaN, +inf) given in float, four at a time in double:
 // u = 1 + z is exact for z >= 2^-29, so log1p(z) = log(u) = e * ln2 + 2 atanh((m - 1) / (m + 1))
 // with u = 2^e * m, m in [sqrt(1/2), sqrt(2)); below 2^-29 log1p(z) = z to float precision. The
-// series' truncation error is below 1e-11, far under a float ulp. (One libm log1pf call per unit
-// was the largest cost of groups of many small tensors.)
+// series' truncation error is below 1e-11, far under a float ulp. (Not libm's log1pf: one call
+// per unit would be the largest cost of a group of many small tensors.)
 inline D4 Log1pFloatPrecision(D4 z) {
   const D4 u = z + 1.0;
   const U4 bits = Bits<U4>(u);

@@ -27,12 +27,12 @@ lbe::cpu::ParallelFor IntraOpParallelFor(tensorflow::OpKernelContext* ctx) {
   };
 }
 
-// TensorFlow's default CPU allocator hands out large buffers as fresh mappings, so writing a large
-// gradient took one page fault per 4 KiB page: at [1024, 4096] float32 that was ~4096 faults and
-// about twice the kernel's own time. Asking for transparent huge pages on the buffer's 2 MiB-aligned
-// interior (before the first write) turns that into a fault per 2 MiB where the kernel allows it
-// (THP "madvise" or "always"). Only advice: memory already mapped with small pages, or a kernel
-// without THP, is left as it is, and any error is ignored.
+// TensorFlow's default CPU allocator hands out large buffers as fresh mappings, so the first write
+// to each 4 KiB page of a large gradient is a page fault: for a [1024, 4096] float32 gradient some
+// 4096 of them, which cost more than the kernel's arithmetic. Asking for transparent huge pages on
+// the buffer's 2 MiB-aligned interior (before the first write) turns that into a fault per 2 MiB
+// where the kernel allows it (THP "madvise" or "always"). Only advice: memory already mapped with
+// small pages, or a kernel without THP, is left as it is, and any error is ignored.
 constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
 constexpr int64_t kHugePageAdviceBytes = int64_t{8} << 20;
 

@@ -229,7 +229,7 @@ absl::Status Prepare(tensorflow::OpKernelContext* ctx, const tensorflow::OpInput
 
 // One dx per input. A group's dx tensors are slices of one buffer: one allocation (and one
 // free) per call instead of one per tensor, which for a group of hundreds of small layers
-// was a visible part of the op's time. Each slice starts on a boundary of TensorFlow's
+// would be a visible part of the op's time. Each slice starts on a boundary of TensorFlow's
 // allocator alignment, as its own allocation would, so every consumer may use aligned loads.
 template <typename T>
 absl::Status AllocateGradients(tensorflow::OpKernelContext* ctx, const tensorflow::OpInputList& xs,

@@ -11,13 +11,14 @@
 // float64 for float64 inputs and float32 otherwise (the accumulation type). mean_residual is the
 // exact mean minus the rounded mean (the low part of a two-term mean), which the gradient needs to
 // centre x exactly at any offset (see BackwardArgs in batch_entropy_common.h); it has no gradient.
-// It is a list of num_residuals (0 or 1) tensors: lbe_ops asks for 1; the default 0 is the ops'
-// first interface (three outputs, six gradient inputs), so graphs and SavedModels written with it
-// still load and run (their gradients centred on the rounded mean, as they were). The grouped ops keep the
-// statistics of all N tensors in one flat vector each, S = U_0 + ... + U_{N-1} long, tensor i's
-// at [U_0 + ... + U_{i-1}, ... + U_i): two outputs and four gradient inputs in all, instead of two
-// and four per tensor (for a group of 500 small layers, the executor's per-tensor work on 1,000
-// outputs and 2,000 gradient inputs cost more than the kernels).
+// It is a list of num_residuals (0 or 1) tensors: lbe_ops asks for 1; with the default 0 the ops
+// have three outputs and six gradient inputs, the signature of graphs and SavedModels that hold
+// no residuals, which therefore load and run (their gradients centred on the rounded mean).
+// The grouped ops keep the statistics of all N tensors in one flat vector each,
+// S = U_0 + ... + U_{N-1} long, tensor i's at [U_0 + ... + U_{i-1}, ... + U_i): two outputs and
+// four gradient inputs in all, instead of two and four per tensor (for a group of 500 small
+// layers, the executor's per-tensor work on 1,000 outputs and 2,000 gradient inputs would cost
+// more than the kernels).
 //
 // A batch B <= ddof has no variance: an InvalidArgument error naming the tensor, unless
 // allow_small_batch is true. Then such a tensor is "small" and treated as a constant: entropy,

@@ -16,7 +16,8 @@ The timing API, for scripts that time things the way lbe-bench does:
     times = bench.time_interleaved(fns, min_time=2.0)     # {name: {"median": s, ...}}
     per_call = bench.time_loop(lambda: f_op(x), seconds=5)
 
-Importing this package imports TensorFlow; Keras is imported only when a fit() model is built.
+Importing this package imports TensorFlow; Keras is imported only when a fit() model or a
+training step is built (the step computes the LBE loss with lbe_ops.keras's code).
 """
 
 import os

@@ -40,10 +40,11 @@ import tensorflow as tf
 
 import lbe_ops
 from lbe_ops import _loader
+from lbe_ops._machine import load_average
 from lbe_ops.bench import fit as fit_bench
 from lbe_ops.bench.cases import (FULL_SET, QUICK_SET, STANDARD_SET, all_cases, build_function,
                                  make_input)
-from lbe_ops.bench.machine import load_average, machine_info
+from lbe_ops.bench.machine import machine_info
 from lbe_ops.bench.report import fmt_ms, fmt_ratio, format_table, table_rows, write_chart
 from lbe_ops.bench.timing import (QUICK_ROUNDS, copy_bandwidth, copy_function,
                                   page_faults_per_call, time_interleaved)

@@ -32,8 +32,9 @@ def build_train_step(layers=500, width=32, batch=128, classes=10, lbe="none", se
     """A function running one SGD step of a plain ReLU network and returning its loss; lbe is
     'none', 'op' (the compiled op), 'tf' (pure TensorFlow), 'fan-in' or 'op-forward'.
 
-    The LBE loss is the paper's: task + task * mean_l beta * (H_l - max(alpha_min, |alpha_l|))^2,
-    with one learnable alpha per layer, every layer's entropy from one batch_entropies call.
+    The LBE loss is the paper's, computed by LBEModel's code: task + task * mean_l beta * (H_l -
+    max(alpha_min, |alpha_l|))^2, with one learnable alpha per layer, every layer's entropy from
+    one batch_entropies call.
     'fan-in' puts the same loss on a stand-in for the entropies, one tf.add_n over all
     activations: every activation read once by one op, and a gradient that costs nothing
     itself. What it adds to the step is what any loss term on every layer costs in TensorFlow's
@@ -44,6 +45,7 @@ def build_train_step(layers=500, width=32, batch=128, classes=10, lbe="none", se
     """
     if lbe not in LBE_MODES:
         raise ValueError(f"unknown lbe {lbe!r}; known: {', '.join(LBE_MODES)}")
+    from lbe_ops.keras import _loss, _steps  # LBEModel's loss, which imports Keras
     rng = np.random.default_rng(seed)
     weights = [tf.Variable((rng.standard_normal((width, width)) * math.sqrt(2.0 / width))
                            .astype(np.float32)) for _ in range(layers)]
@@ -74,8 +76,8 @@ def build_train_step(layers=500, width=32, batch=128, classes=10, lbe="none", se
                     h = tf.stop_gradient(lbe_ops.batch_entropies(activations))
                 else:
                     h = lbe_ops.batch_entropies(activations)
-                target = tf.maximum(alpha_min, tf.abs(alpha))
-                loss = task + task * tf.reduce_mean(beta * tf.square(h - target))
+                lbe_mean = tf.reduce_mean(_loss.penalties(h, alpha, alpha_min, beta))
+                loss = _steps.combine(task, lbe_mean, additive=False)
         grads = tape.gradient(loss, variables)
         for v, g in zip(variables, grads):
             v.assign_sub(lr * g)

@@ -11,14 +11,19 @@ How it fits together (one module per concern):
 
 - regularizer: LBERegularizer, the per-layer part: the hyperparameters (alpha_min, beta, ddof)
   and the learnable target alpha. Keras calls it on its layer's output.
-- _capture: inside an LBEModel step the regularizers only record the outputs (and return zero,
-  so Keras's own activity-loss bookkeeping adds nothing); at inference they compute nothing.
+- _capture: what the regularizers do when Keras calls them (a Mode): inside an LBEModel step
+  they only record the outputs (and hand Keras placeholder zeros, which the step leaves out of
+  its loss); at inference they compute nothing.
 - _loss: the entropies of all recorded outputs from one lbe_ops.batch_entropies call, and the
   penalties as vectors; batches too small for a variance are masked out.
 - alphas: the model's alpha vector (one variable for all layers: one optimizer update, one
   read per step) and the discovery of regularized layers.
-- model: LBEModel, the paper's loss `task + task * lbe` (or `task + lbe`), logs and per-layer
-  statistics, export without LBE terms.
+- model: LBEModel, which joins the parts below.
+- _flavours: LBEModel built functionally (a class of its own) or subclassed.
+- _steps: a step's loss, the paper's `task + task * lbe` (or `task + lbe`) plus other losses.
+- _metrics: the logs' task_loss, lbe and entropy_mean, and the per-layer entropy statistics.
+- _distribution: what LBEModel does under tf.distribute that Keras does not (multi-worker).
+- _export: export without LBE terms (LBEModel.export and export()).
 - wrap: an LBEModel over an existing Sequential or Functional model.
 - callbacks: LayerEntropyLogger (History and TensorBoard).
 - _compat: every use of Keras internals, each with what it works around and the public API
@@ -35,7 +40,8 @@ Functional models rebuilt from their config start from the trained targets too.
 """
 
 from lbe_ops.keras.callbacks import LayerEntropyLogger
-from lbe_ops.keras.model import LBEModel, export
+from lbe_ops.keras._export import export
+from lbe_ops.keras.model import LBEModel
 from lbe_ops.keras.regularizer import (AlphaView, LBERegularizer,
                                        keras_divides_activity_regularization)
 from lbe_ops.keras.wrap import wrap

@@ -1,72 +1,94 @@
-"""What the regularizers do when Keras calls them: record, stay silent, or return their term.
+"""What the regularizers do when Keras calls them: return their term, record, or compute nothing.
 
-LBEModel's train and test steps run the forward pass in a *capture* scope: there a regularizer
-only records the output it was called on (and returns a zero to Keras), and the model computes
-the entropies of all recorded outputs in one op call. Inference and export run with the
-regularizers *disabled*: they return a constant zero and compute nothing. Outside both (a plain
-Keras model) a regularizer returns its own additive term.
+Outside an LBEModel (a plain Keras model) a regularizer returns its own additive term
+(Mode.TERM). LBEModel's train and test steps run the forward pass in Mode.CAPTURE: there a
+regularizer only records the output it was called on (and hands Keras a zero placeholder), and
+the model computes the entropies of all recorded outputs in one op call. Inference and export run
+in Mode.DISABLED: the regularizers return a constant zero and compute nothing.
 
 The mode is per thread: MirroredStrategy runs each replica's step in its own thread.
 """
 
 import contextlib
+import enum
 import threading
 
 import tensorflow as tf
 
-_state = threading.local()
-DISABLED = "disabled"
+from lbe_ops.keras import _compat
+
+
+class Mode(enum.Enum):
+    """What an LBERegularizer does when Keras calls it on its layer's output."""
+
+    TERM = "term"          # return the layer's additive LBE term
+    CAPTURE = "capture"    # record the output for the step's Capture, return a placeholder zero
+    DISABLED = "disabled"  # return a constant zero
 
 
 class Capture:
-    """What the regularizers record during one LBEModel step: (regularizer, output) pairs."""
+    """What the regularizers record during one LBEModel step: (regularizer, output) pairs, in
+    call order, and the placeholder zeros they handed Keras instead of their terms."""
 
     def __init__(self):
         self.records = []
-        self.placeholder_refs = set()  # the zeros returned to Keras in place of the terms
+        self._placeholders = set()  # refs of the placeholders (graph mode)
 
-    def placeholder(self):
-        zero = tf.zeros((), tf.float32)
+    def record(self, regularizer, output):
+        """Records `output` for `regularizer`; returns the placeholder to give Keras."""
+        self.records.append((regularizer, output))
+        placeholder = tf.zeros((), tf.float32)
         if not tf.executing_eagerly():
-            self.placeholder_refs.add(zero.ref())
-        return zero
+            self._placeholders.add(placeholder.ref())
+        return placeholder
+
+    def take_records(self):
+        """The records so far; the next call returns only those made after this one."""
+        records, self.records = self.records, []
+        return records
 
     def is_placeholder_loss(self, loss):
-        """True for a loss that Keras made from one of the placeholders (graph mode only).
+        """True for an entry of `model.losses` that Keras made from one of this step's
+        placeholders. Graph mode only: an eager tensor does not say what it was computed from
+        (an eager step adds the zeros, which changes nothing but the time of an eager step)."""
+        return bool(self._placeholders) and _compat.is_activity_loss_from(loss, self._placeholders)
 
-        Keras adds `placeholder / batch_size` (3.14+) or the placeholder itself as an activity
-        loss; leaving those zeros out of the total keeps them out of the step's graph.
-        """
-        if tf.executing_eagerly() or not self.placeholder_refs or not tf.is_tensor(loss):
-            return False
-        try:
-            if loss.ref() in self.placeholder_refs:
-                return True
-            op = loss.op
-            return op.type == "DivNoNan" and op.inputs[0].ref() in self.placeholder_refs
-        except (AttributeError, TypeError):
-            return False
+
+class _State(threading.local):
+    mode = Mode.TERM
+    capture = None  # the Capture of the running step, in Mode.CAPTURE
+
+
+_state = _State()
 
 
 def current_mode():
-    """None (plain Keras), a Capture (inside an LBEModel step) or DISABLED."""
-    return getattr(_state, "mode", None)
+    """The Mode of this thread."""
+    return _state.mode
+
+
+def current_capture():
+    """The Capture of the step running in this thread (only in Mode.CAPTURE)."""
+    if _state.mode is not Mode.CAPTURE:
+        raise RuntimeError("lbe_ops.keras: no LBEModel step is capturing in this thread")
+    return _state.capture
 
 
 @contextlib.contextmanager
-def _mode(value):
-    previous = current_mode()
-    _state.mode = value
+def _scope(mode, capture=None):
+    previous = _state.mode, _state.capture
+    _state.mode, _state.capture = mode, capture
     try:
-        yield value
+        yield capture
     finally:
-        _state.mode = previous
+        _state.mode, _state.capture = previous
 
 
 def capturing():
-    return _mode(Capture())
+    """Mode.CAPTURE, with a fresh Capture (yielded) for one step."""
+    return _scope(Mode.CAPTURE, Capture())
 
 
 def regularizers_disabled():
-    """Regularizers return a constant zero: no entropy is computed (inference, export)."""
-    return _mode(DISABLED)
+    """Mode.DISABLED: regularizers return a constant zero (inference, export)."""
+    return _scope(Mode.DISABLED)

@@ -165,6 +165,27 @@ def register_regularizer_names(regularizer_class, names):
 # --------------------------------------------------------------------------------------------
 # Training
 
+def is_activity_loss_from(loss, placeholder_refs):
+    """True if `loss`, an entry of model.losses, is the activity loss Keras made from a value an
+    activity regularizer returned: one of `placeholder_refs` (refs of graph tensors) itself or,
+    on Keras 3.14+, its quotient by the batch size.
+
+    Works around: Layer.__call__ adds what the regularizer returns to the layer's losses, as it
+    is up to Keras 3.13 and as `ops.divide_no_nan(value, batch_size)` from 3.14 on, a new tensor;
+    model.losses then mixes these with add_loss terms and weight penalties and says of none
+    where it came from. LBEModel's regularizers return placeholder zeros that the step leaves out
+    of its loss (and so out of its graph: one division per regularized layer otherwise); the
+    quotient is recognised by its input, the placeholder, whatever op Keras used (one op on it).
+    Public replacement: none (a way for an activity regularizer to add no loss, or losses that
+    name their source).
+    """
+    try:
+        return (loss.ref() in placeholder_refs
+                or any(value.ref() in placeholder_refs for value in loss.op.inputs))
+    except (AttributeError, TypeError):  # not a graph tensor (eager, KerasTensor, a number)
+        return False
+
+
 def compiled_loss(model):
     """The loss given to compile(), as Keras computes it (None before compile or without one).
 
@@ -186,22 +207,25 @@ def own_strategy(model):
     return getattr(model, "_distribute_strategy", None)
 
 
-def chooses_build_batch(model_class):
-    """Class decorator: Keras builds the model's state from `model._lbe_build_batch(iterator,
-    data_batch)`, which returns the (iterator, data_batch) pair to build from.
+def builds_from(choose_batch):
+    """Class decorator: before fit() and evaluate(), Keras builds the model's state from the
+    (iterator, data_batch) pair that `choose_batch(model, iterator, data_batch)` returns.
 
-    Works around: before fit() and evaluate(), Keras' TensorFlow trainer builds the model from
-    one batch of the data in the private `_maybe_symbolic_build(iterator, data_batch)`, which
-    LBEModel overrides this way (it passes a batch of its own under MultiWorkerMirroredStrategy).
-    Public replacement: none.
+    Works around: Keras' TensorFlow trainer builds the model from one batch of the data in the
+    private `_maybe_symbolic_build(iterator, data_batch)`, which the decorated class overrides this
+    way (LBEModel passes a batch of its own under MultiWorkerMirroredStrategy). Public
+    replacement: none.
     """
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        iterator, data_batch = self._lbe_build_batch(iterator, data_batch)
-        return super(model_class, self)._maybe_symbolic_build(iterator=iterator,
-                                                             data_batch=data_batch)
+    def decorate(model_class):
+        def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+            iterator, data_batch = choose_batch(self, iterator, data_batch)
+            return super(model_class, self)._maybe_symbolic_build(iterator=iterator,
+                                                                 data_batch=data_batch)
 
-    model_class._maybe_symbolic_build = _maybe_symbolic_build
-    return model_class
+        model_class._maybe_symbolic_build = _maybe_symbolic_build
+        return model_class
+
+    return decorate
 
 
 def train_tf_functions(model):

@@ -6,6 +6,8 @@ plain model's checkpoint loads into a wrapped one, and `summary()` shows each la
 parameters).
 """
 
+import contextlib
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -102,3 +104,63 @@ def regularized_layers(model):
             owners[id(regularizer)] = layer
             found.append((layer, regularizer))
     return found
+
+
+def unique_names(names):
+    """The names, the second and later of each made unique by a suffix (_1, _2, ...)."""
+    counts, unique = {}, []
+    for name in names:
+        if name in counts:
+            counts[name] += 1
+            unique.append(f"{name}_{counts[name]}")
+        else:
+            counts[name] = 0
+            unique.append(name)
+    return unique
+
+
+def gather_alphas(model):
+    """The alpha vectors (AlphaStores) of `model`'s regularizers, its own first.
+
+    Regularizers whose alpha no model holds yet hand it to a new vector, owned by `model`;
+    those of layers shared with an LBEModel made earlier stay in that model's vector.
+    """
+    pairs = regularized_layers(model)
+    stores = []
+    for _, regularizer in pairs:
+        view = regularizer._alpha_view
+        if view is not None and all(view.store is not s for s in stores):
+            stores.append(view.store)
+    new = [(layer, regularizer) for layer, regularizer in pairs
+           if regularizer._alpha_view is None]
+    if new:
+        values = [float(np.asarray(regularizer.alpha)) for _, regularizer in new]
+        names = unique_names([layer.name for layer, _ in new])
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(tf.init_scope())
+            if not tf.distribute.has_strategy():
+                stack.enter_context(model.distribute_strategy.scope())
+            store = AlphaStore(values, names, owner_id=id(model))
+        for index, (_, regularizer) in enumerate(new):
+            regularizer._hand_alpha_to(store, index)
+        stores.insert(0, store)
+    return stores
+
+
+def alpha_vector(stores, regularizers):
+    """The alphas of `regularizers` as one float32 vector: one read of each store's variable
+    (and a gather if the regularizers are a subset of the stores' or in another order)."""
+    views = [regularizer._alpha_view for regularizer in regularizers]
+    offsets, total = {}, 0
+    for store in stores:
+        offsets[id(store)] = total
+        total += store.size
+    if all(v is not None and id(v.store) in offsets for v in views):
+        reads = [tf.convert_to_tensor(store.alphas) for store in stores]
+        alphas = reads[0] if len(reads) == 1 else tf.concat(reads, 0)
+        indices = [offsets[id(v.store)] + v.index for v in views]
+        if indices != list(range(total)):
+            alphas = tf.gather(alphas, indices)
+        return alphas
+    # Regularizers the stores do not hold (e.g. of layers created after the model).
+    return tf.stack([tf.convert_to_tensor(regularizer.alpha) for regularizer in regularizers])

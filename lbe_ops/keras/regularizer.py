@@ -189,8 +189,8 @@ class LBERegularizer(keras.layers.Layer, keras.regularizers.Regularizer):
         self._alpha_view = AlphaView(store, index)
 
     def load_own_variables(self, store):
-        # Files written before the alphas moved into the model keep each alpha under its
-        # regularizer; restore it into the model's vector.
+        # A file saved where this regularizer held its alpha as its own weight (a plain Keras
+        # model) has the alpha here; in an LBEModel it belongs in the model's vector.
         if self._alpha_view is not None and "0" in store.keys():
             self._alpha_view.assign(np.asarray(store["0"]))
             return
@@ -217,10 +217,9 @@ class LBERegularizer(keras.layers.Layer, keras.regularizers.Regularizer):
             # subclassed model builds on its first call): nothing to record or compute there.
             return tf.zeros((), tf.float32)
         mode = _capture.current_mode()
-        if isinstance(mode, _capture.Capture):
-            mode.records.append((self, x))
-            return mode.placeholder()
-        if mode == _capture.DISABLED:
+        if mode is _capture.Mode.CAPTURE:
+            return _capture.current_capture().record(self, x)
+        if mode is _capture.Mode.DISABLED:
             return tf.zeros((), tf.float32)
         return self.call(x)
 
