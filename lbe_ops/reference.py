@@ -18,13 +18,23 @@ statistics' range comes back as +Inf. The compiled op's wide path (csrc/core/bat
 does the same. Under XLA (jit_compile) there is no such branch: there a sum of squares beyond the
 accumulator's range gives an Inf variance and entropy.
 
+Tensors that share their batch size (batch_entropies: the same static size, or same_batch=True,
+as for the layer outputs of one Keras step) are computed together, side by side as one matrix
+[B, U_0 + U_1 + ...]: a fixed number of ops for any number of tensors, and one wide-path decision
+(one tf.cond) for all of them. Where one of them needs the wide path, the branch recomputes only
+that tensor's units and only its entries change. The sums are those of one tensor at a time
+(bit for bit where each tensor's U is a multiple of the SIMD width TensorFlow's column sums use,
+8 float32 or 4 float64 values on AVX2; otherwise the order of a column's additions may differ).
+
 With allow_small_batch, a batch B <= ddof gives entropy, mean and variance 0 with zero gradients,
 computed without control flow (XLA cannot raise a run-time error) and without a 0/0 anywhere:
 valid = float(B > ddof), mean = sum / max(B, 1) * valid, variance = M2 / max(B - ddof, 1) * valid.
 """
 
+import itertools
 import math
 
+import numpy as np
 import tensorflow as tf
 
 from lbe_ops import _loader, _validation
@@ -37,15 +47,22 @@ def entropy_from_variance(variance):
     return 0.5 * tf.math.log1p(tf.constant(PI_E, variance.dtype) * variance)
 
 
+def _units(x):
+    """x's number of units U (the product of its trailing dimensions) as a Python int, or None
+    where it is not known statically."""
+    return x.shape[1:].num_elements() if x.shape.rank is not None else None
+
+
 def _flatten(x):
-    """[B, d1, ...] -> [B, U] in the accumulator dtype. U is spelled out: reshape cannot infer
-    a -1 for an empty tensor (B = 0)."""
-    acc = _validation.accumulator_dtype(x.dtype)
-    shape = tf.shape(x)
-    units = x.shape[1:].num_elements()
+    """[B, d1, ...] -> [B, U] in the accumulator dtype. U is always spelled out: reshape cannot
+    infer a -1 for U from an empty tensor (B = 0)."""
+    units = _units(x)
     if units is None:
-        units = tf.reduce_prod(shape[1:])
-    return tf.reshape(tf.cast(x, acc), tf.stack([shape[0], units]))
+        shape = tf.shape(x)
+        x = tf.reshape(x, tf.stack([shape[0], tf.reduce_prod(shape[1:])]))
+    elif x.shape.rank != 2:
+        x = tf.reshape(x, [-1, units])
+    return tf.cast(x, _validation.accumulator_dtype(x.dtype))
 
 
 def _pivot(flat):
@@ -106,9 +123,9 @@ def _moments_of_full_batch(flat, ddof):
     return pivot + shifted_mean, variance
 
 
-# The wide branch is taken when max(variance) * U exceeds this (float32, float64 statistics):
-# beyond it the entropy's gradient 0.5 * pi*e / (U * (pi*e * variance + 1)) nears the smallest
-# normal number.
+# A tensor takes the wide path when max(variance) * U exceeds this (float32, float64 statistics),
+# or a variance is not finite: beyond it the entropy's gradient 0.5 * pi*e / (U * (pi*e * variance
+# + 1)) nears the smallest normal number.
 _WIDE_VARIANCE_TIMES_UNITS = {tf.float32: 2.0 ** 100, tf.float64: 2.0 ** 1000}
 
 
@@ -124,9 +141,10 @@ def _scale_exponents(values):
     return k, c
 
 
-def _wide_statistics(flat, ddof, moments_fn):
-    """(mean, variance, entropy) of flat [B, U] in float64, each unit scaled by 2^-k."""
-    values = tf.cast(flat, tf.float64)
+def _wide_unit_statistics(columns, ddof, moments_fn):
+    """Per-unit (mean, variance, entropy term) of columns [B, n] in float64, each unit scaled by
+    2^-k."""
+    values = tf.cast(columns, tf.float64)
     k, c = _scale_exponents(values)
     scaled_mean, scaled_variance = moments_fn(values * c, ddof)
     mean = scaled_mean / c
@@ -139,27 +157,115 @@ def _wide_statistics(flat, ddof, moments_fn):
                       + tf.cast(2 * k, tf.float64) * math.log(2.0))
     unit_entropy = tf.where(k == 0, entropy_from_variance(scaled_variance),
                             tf.where(zero_scaled, tf.zeros_like(log_form), log_form))
-    return mean, variance, tf.reduce_mean(unit_entropy)
+    return mean, variance, unit_entropy
 
 
-def _statistics(flat, ddof, allow_small_batch):
-    """(mean, variance, entropy) of flat [B, U], in flat's dtype; see the module docstring."""
+def _runs(units):
+    """[(U, count)]: the lengths of the runs of equal consecutive entries of units."""
+    return [(size, len(list(run))) for size, run in itertools.groupby(units)]
+
+
+def _per_tensor(unit_values, units, reduce):
+    """reduce(values, axis) of each tensor's entries of unit_values [S] (tensor 0's units[0]
+    entries first), as a vector [N]. Consecutive tensors of equal U are reduced as the rows of
+    one [count, U] matrix: the same sums, in the same order, as one reduction per tensor."""
+    if len(units) == 1:
+        return tf.reshape(reduce(unit_values, axis=None), [1])
+    runs = _runs(units)
+    parts, begin = [], 0
+    for size, count in runs:
+        block = unit_values if len(runs) == 1 else tf.slice(unit_values, [begin], [size * count])
+        parts.append(reduce(tf.reshape(block, [count, size]), axis=1))
+        begin += size * count
+    return parts[0] if len(parts) == 1 else tf.concat(parts, 0)
+
+
+def _per_unit(units, per_tensor_values, dtype):
+    """A constant vector [S] holding per_tensor_values[i] at each of tensor i's units."""
+    return tf.constant(np.repeat(per_tensor_values, units), dtype)
+
+
+class _WideColumnsGradientGate:
+    """An identity on the fast statistics' input whose gradient drops the units of the tensors
+    that took the wide path, when any did.
+
+    The fast statistics of such a tensor may not be finite (a sum beyond the accumulator's
+    range); the wide branch passes them a zero gradient, which their backward pass would turn
+    into NaN (0 * Inf). Which tensors took it is known only after the statistics are computed:
+    `decide` records it before any gradient is taken.
+    """
+
+    def __init__(self):
+        self._all_fit = None
+        self._unit_fits = None
+
+    def decide(self, all_fit, unit_fits):
+        """all_fit: a scalar bool; unit_fits: a callable returning a bool vector [S], true for the
+        units of the tensors whose fast statistics are used."""
+        self._all_fit = all_fit
+        self._unit_fits = unit_fits
+
+    def __call__(self, flat):
+        @tf.custom_gradient
+        def gate(values):
+            def gradient(upstream):
+                return tf.cond(self._all_fit, lambda: upstream,
+                               lambda: tf.where(self._unit_fits(), upstream,
+                                                tf.zeros_like(upstream)))
+            return tf.identity(values), gradient
+
+        return gate(flat)
+
+
+def _group_statistics(flats, units, ddof, allow_small_batch):
+    """(mean [S], variance [S], entropies [N]) of flats: N tensors [B, U_i] of one accumulator
+    dtype that share their batch B, units[i] = U_i (Python ints; a dynamic U only for N = 1).
+    The statistics are computed once for all units of the group (its tensors side by side), in
+    the accumulator dtype; see the module docstring.
+
+    One decision for the group: when every tensor's fast statistics fit, they are the result;
+    otherwise a branch recomputes the units of the tensors that do not fit on the wide path, and
+    only those tensors' entries change.
+    """
+    acc = flats[0].dtype
+    flat = flats[0] if len(flats) == 1 else tf.concat(flats, axis=1)
     moments_fn = _moments_allowing_small_batch if allow_small_batch else _moments_of_full_batch
-    acc = flat.dtype
-    mean, variance = moments_fn(flat, ddof)
-    fast = (mean, variance, tf.reduce_mean(entropy_from_variance(variance)))
     if _in_xla_context():
-        # XLA cannot differentiate this cond when the batch is dynamic (the gradient's
-        # placeholders for the branch's [B, U] intermediates get a batch of 0): no wide branch.
-        return fast
-    units = tf.cast(tf.shape(flat)[1], acc)
-    fits = tf.logical_and(tf.reduce_all(tf.math.is_finite(variance)),
-                          tf.reduce_max(variance) * units <= _WIDE_VARIANCE_TIMES_UNITS[acc])
+        # XLA cannot differentiate the wide branch's cond when the batch is dynamic (the
+        # gradient's placeholders for its [B, U] intermediates get a batch of 0): no wide branch.
+        mean, variance = moments_fn(flat, ddof)
+        return mean, variance, _per_tensor(entropy_from_variance(variance), units, tf.reduce_mean)
+    gate = _WideColumnsGradientGate()
+    mean, variance = moments_fn(gate(flat), ddof)
+    entropies = _per_tensor(entropy_from_variance(variance), units, tf.reduce_mean)
+    if len(units) == 1:
+        unit_units = tf.cast(tf.shape(flat)[1], acc)
+    else:
+        unit_units = _per_unit(units, units, acc)
+    # False for a variance that is not finite (Inf * U, NaN) as for one too large.
+    unit_small_enough = variance * unit_units <= _WIDE_VARIANCE_TIMES_UNITS[acc]
+    tensor_fits = _per_tensor(unit_small_enough, units, tf.reduce_all)
+    all_fit = tf.reduce_all(tensor_fits)
 
-    def wide():
-        return tuple(tf.cast(t, acc) for t in _wide_statistics(flat, ddof, moments_fn))
+    def unit_fits():
+        if len(units) == 1:
+            return tf.fill(tf.shape(variance), tensor_fits[0])
+        return tf.gather(tensor_fits, _per_unit(units, range(len(units)), tf.int32))
 
-    return tf.cond(fits, lambda: fast, wide)
+    gate.decide(all_fit, unit_fits)
+
+    def with_wide_tensors():
+        wide_units = tf.where(tf.logical_not(unit_fits()))  # [n, 1]
+        wide_mean, wide_variance, wide_unit_entropy = _wide_unit_statistics(
+            tf.gather(flat, wide_units[:, 0], axis=1), ddof, moments_fn)
+        unit_entropy = tf.scatter_nd(wide_units, wide_unit_entropy,
+                                     tf.shape(variance, out_type=tf.int64))
+        wide_entropies = tf.cast(_per_tensor(unit_entropy, units, tf.reduce_mean), acc)
+        return (tf.tensor_scatter_nd_update(mean, wide_units, tf.cast(wide_mean, acc)),
+                tf.tensor_scatter_nd_update(variance, wide_units, tf.cast(wide_variance, acc)),
+                tf.where(tensor_fits, entropies, wide_entropies))
+
+    return tf.cond(all_fit, lambda: (mean, variance, entropies), with_wide_tensors)
 
 
 def moments(x, ddof=1, name="x", entropy_dtype=None, allow_small_batch=False):
@@ -177,8 +283,8 @@ def moments(x, ddof=1, name="x", entropy_dtype=None, allow_small_batch=False):
     flat = _flatten(x)
     if not allow_small_batch:
         _check_runtime_batch(flat, ddof, name)
-    mean, variance, entropy = _statistics(flat, ddof, allow_small_batch)
-    return tf.cast(entropy, entropy_dtype or x.dtype), mean, variance
+    mean, variance, entropies = _group_statistics([flat], [_units(x)], ddof, allow_small_batch)
+    return tf.cast(entropies[0], entropy_dtype or x.dtype), mean, variance
 
 
 def batch_entropy(x, ddof=1, dtype=None, allow_small_batch=False):
@@ -187,17 +293,62 @@ def batch_entropy(x, ddof=1, dtype=None, allow_small_batch=False):
     return moments(x, ddof, entropy_dtype=dtype, allow_small_batch=allow_small_batch)[0]
 
 
-def batch_entropies(xs, ddof=1, dtype=None, allow_small_batch=False):
+def _group_order(units):
+    """Sort key of a tensor within its group: tensors of equal U next to each other (they are
+    reduced together), those whose U is a multiple of 16, then of 8, first: their columns then
+    start at such multiples, and TensorFlow's column sums, which work on SIMD packets of up to 16
+    values, add them exactly as for the tensor alone."""
+    return units % 16 != 0, units % 8 != 0, units
+
+
+def _groups(xs, same_batch):
+    """The tensors of xs computed together, as lists of indices: one accumulator dtype, one batch
+    (the same static size, or any where same_batch promises it), static U; each list in
+    _group_order. Others are alone."""
+    groups = {}
+    for i, x in enumerate(xs):
+        batch = "shared" if same_batch else x.shape[0] if x.shape.rank is not None else None
+        if _units(x) is None or batch is None:
+            key = ("alone", i)
+        else:
+            key = (_validation.accumulator_dtype(x.dtype), batch)
+        groups.setdefault(key, []).append(i)
+    return [sorted(indices, key=lambda i: _group_order(_units(xs[i]))) for indices in
+            groups.values()]
+
+
+def entropies_of_checked(xs, ddof, dtype, allow_small_batch, same_batch, name="xs"):
+    """batch_entropies of tensors that passed its argument checks: the vector [len(xs)] in
+    `dtype`, each entry computed in its own tensor's accumulator dtype."""
+    parts, order = [], []
+    for indices in _groups(xs, same_batch):
+        flats = [_flatten(xs[i]) for i in indices]
+        if not allow_small_batch:
+            _check_runtime_batch(flats[0], ddof, f"{name}[{indices[0]}]")
+        parts.append(tf.cast(_group_statistics(
+            flats, [_units(xs[i]) for i in indices], ddof, allow_small_batch)[2], dtype))
+        order += indices
+    values = parts[0] if len(parts) == 1 else tf.concat(parts, 0)
+    if order == list(range(len(xs))):
+        return values
+    return tf.gather(values, np.argsort(order))
+
+
+def batch_entropies(xs, ddof=1, dtype=None, allow_small_batch=False, same_batch=False):
     """Batch entropy of each tensor of a list, as a vector (tensors may differ in shape).
 
     The vector has `dtype`, by default the tensors' common dtype (float32, or float64 if any
     is float64, when they differ); every entry is computed in its own tensor's accumulator
     dtype. With allow_small_batch, a tensor whose batch is <= ddof gets 0 (zero gradient).
+    Tensors of one accumulator dtype and one batch size are computed together, in a few ops for
+    all of them: those of the same static batch size, or all of them with same_batch=True, a
+    promise that they have the same batch size at run time (as the layer outputs of one model
+    step do).
     """
     ddof = _validation.check_ddof(ddof)
     allow_small_batch = _validation.check_allow_small_batch(allow_small_batch)
-    xs = _validation.check_list(xs, ddof, allow_small_batch=allow_small_batch)
-    out_dtype = _validation.result_dtype(xs, dtype)
-    return tf.stack([moments(x, ddof, name=f"xs[{i}]", entropy_dtype=out_dtype,
-                             allow_small_batch=allow_small_batch)[0]
-                     for i, x in enumerate(xs)])
+    same_batch = _validation.check_same_batch(same_batch)
+    xs = _validation.check_list(xs, ddof, allow_small_batch=allow_small_batch,
+                                same_batch=same_batch)
+    return entropies_of_checked(xs, ddof, _validation.result_dtype(xs, dtype), allow_small_batch,
+                                same_batch)
