@@ -237,8 +237,7 @@ def batch_entropy(x, ddof=1, dtype=None, allow_small_batch=False):
     x = _validation.check_input(x, ddof, allow_small_batch=allow_small_batch)
     dtype = _validation.result_dtype([x], dtype)
     if not _loader.use_op():
-        return reference.moments(x, ddof, entropy_dtype=dtype,
-                                 allow_small_batch=allow_small_batch)[0]
+        return reference.batch_entropy(x, ddof, dtype, allow_small_batch)
     entropy, _, variance = _op_single(x, ddof, allow_small_batch)
     if _wider_than(dtype, x.dtype):
         return _entropies_from_variances(variance, [_units(x)], dtype)[0]

@@ -19,18 +19,21 @@ does the same. Under XLA (jit_compile) there is no such branch: there a sum of s
 accumulator's range gives an Inf variance and entropy.
 
 Tensors that share their batch size (batch_entropies: the same static size, or same_batch=True,
-as for the layer outputs of one Keras step) are computed together, side by side as one matrix
-[B, U_0 + U_1 + ...]: a fixed number of ops for any number of tensors, and one wide-path decision
-(one tf.cond) for all of them. Where one of them needs the wide path, the branch recomputes only
-that tensor's units and only its entries change. The sums are those of one tensor at a time
-(bit for bit where each tensor's U is a multiple of the SIMD width TensorFlow's column sums use,
-8 float32 or 4 float64 values on AVX2; otherwise the order of a column's additions may differ).
+as for the layer outputs of one Keras step) are computed together: those of equal U stacked into
+one [count, B, U] tensor, a fixed number of ops for any number of them, and one wide-path
+decision (one tf.cond) for all. Where one of them needs the wide path, the branch recomputes only
+that tensor and only its entries change. Each tensor's sums are those it gets alone, bit for bit.
 
-With allow_small_batch, a batch B <= ddof gives entropy, mean and variance 0 with zero gradients,
-computed without control flow (XLA cannot raise a run-time error) and without a 0/0 anywhere:
-valid = float(B > ddof), mean = sum / max(B, 1) * valid, variance = M2 / max(B - ddof, 1) * valid.
+The gradient of the fast statistics is written out (a custom gradient, one pass over the group),
+as the op's gradient kernel computes it: dx = (x - mean) * variance_slope * (g_variance + g_H *
+dH/dvariance) + g_mean / B, with (x - mean) the deviations of the shifted values of the forward
+pass. TensorFlow's own gradient of the forward ops takes several passes more (it also sends each
+unit the sum of its deviations' gradients through the mean: zero but for rounding); it is what
+differentiates the wide path, and under XLA, which fuses it. The written-out gradient is itself
+differentiable (second order).
 """
 
+import collections
 import itertools
 import math
 
@@ -65,9 +68,10 @@ def _flatten(x):
     return tf.cast(x, _validation.accumulator_dtype(x.dtype))
 
 
-def _pivot(flat):
-    """Row 0 of flat [B, U] (0 where it is not finite, and for an empty batch), as a constant."""
-    first = tf.reduce_sum(flat[:1], axis=0)
+def _pivot(values):
+    """Row 0 of values [..., B, U] as [..., 1, U] (0 where it is not finite, and for an empty
+    batch), as a constant."""
+    first = tf.reduce_sum(values[..., :1, :], axis=-2, keepdims=True)
     return tf.stop_gradient(tf.where(tf.math.is_finite(first), first, tf.zeros_like(first)))
 
 
@@ -79,13 +83,13 @@ def _check_runtime_batch(flat, ddof, name):
             message=f"{name}: batch entropy with ddof={ddof} needs a batch of at least {ddof + 1}")
 
 
-def _degrees_of_freedom(flat, batch, ddof):
-    """B - ddof in flat's dtype. Under XLA, where a dynamic batch <= ddof cannot raise (XLA
+def _degrees_of_freedom(values, batch, ddof):
+    """B - ddof in values' dtype. Under XLA, where a dynamic batch <= ddof cannot raise (XLA
     compiles assertions away), it is NaN instead: variance, entropy and their gradients are then
     NaN for every such batch, where B - ddof would give 0, inf or NaN depending on B."""
-    dof = tf.cast(batch - ddof, flat.dtype)
-    if flat.shape[0] is None and _in_xla_context():
-        dof = tf.where(batch > ddof, dof, tf.constant(float("nan"), flat.dtype))
+    dof = tf.cast(batch - ddof, values.dtype)
+    if values.shape[-2] is None and _in_xla_context():
+        dof = tf.where(batch > ddof, dof, tf.constant(float("nan"), values.dtype))
     return dof
 
 
@@ -93,34 +97,47 @@ def _in_xla_context():
     return _loader.in_xla_context()
 
 
-def _moments_allowing_small_batch(flat, ddof):
-    """Mean and variance of flat [B, U]; both 0 (with zero gradients) where B <= ddof.
+class _Moments(collections.namedtuple(
+        "_Moments", "mean variance deviations mean_slope variance_slope")):
+    """Of values [..., B, U]: mean and variance [..., U]; deviations [..., B, U] (each value minus
+    its unit's mean, from the shifted values); the scalars d mean / d x and variance_slope, with
+    d variance / d x = deviations * variance_slope (the mean's own path adds nothing: the
+    deviations sum to 0)."""
+
+
+def _moments_allowing_small_batch(values, ddof):
+    """_Moments of values [..., B, U]; mean and variance 0 (with zero gradients) where B <= ddof.
 
     Every divisor is at least 1 and every 0 comes from a multiplication by valid, so no
     intermediate value or gradient is NaN for B = 0 or 1. Where B > ddof, valid = 1 and the
     results are those of the plain path: bit for bit in eager mode and under XLA (a sum divided
     by the count is what reduce_mean computes), to rounding in graph mode, where Grappler
     rewrites the two paths differently."""
-    batch = tf.shape(flat)[0]
-    acc = flat.dtype
+    batch = tf.shape(values)[-2]
+    acc = values.dtype
     valid = tf.cast(batch > ddof, acc)
-    pivot = _pivot(flat)
-    shifted = flat - pivot
-    shifted_mean = tf.reduce_sum(shifted, axis=0) / tf.cast(tf.maximum(batch, 1), acc)
-    sum_of_squares = tf.reduce_sum(tf.square(shifted - shifted_mean), axis=0)
-    mean = (pivot + shifted_mean) * valid
-    variance = sum_of_squares / tf.cast(tf.maximum(batch - ddof, 1), acc) * valid
-    return mean, variance
+    count = tf.cast(tf.maximum(batch, 1), acc)
+    dof = tf.cast(tf.maximum(batch - ddof, 1), acc)
+    pivot = _pivot(values)
+    shifted = values - pivot
+    shifted_mean = tf.reduce_sum(shifted, axis=-2, keepdims=True) / count
+    deviations = shifted - shifted_mean
+    sum_of_squares = tf.reduce_sum(tf.square(deviations), axis=-2)
+    mean = tf.squeeze(pivot + shifted_mean, -2) * valid
+    return _Moments(mean, sum_of_squares / dof * valid, deviations, valid / count, 2 * valid / dof)
 
 
-def _moments_of_full_batch(flat, ddof):
-    """Mean and variance of flat [B, U], B > ddof."""
-    pivot = _pivot(flat)
-    shifted = flat - pivot
-    shifted_mean = tf.reduce_mean(shifted, axis=0)
-    denom = _degrees_of_freedom(flat, tf.shape(flat)[0], ddof)
-    variance = tf.reduce_sum(tf.square(shifted - shifted_mean), axis=0) / denom
-    return pivot + shifted_mean, variance
+def _moments_of_full_batch(values, ddof):
+    """_Moments of values [..., B, U], B > ddof."""
+    batch = tf.shape(values)[-2]
+    pivot = _pivot(values)
+    shifted = values - pivot
+    shifted_mean = tf.reduce_mean(shifted, axis=-2, keepdims=True)
+    deviations = shifted - shifted_mean
+    dof = _degrees_of_freedom(values, batch, ddof)
+    return _Moments(tf.squeeze(pivot + shifted_mean, -2),
+                    tf.reduce_sum(tf.square(deviations), axis=-2) / dof, deviations,
+                    1 / tf.cast(batch, values.dtype), 2 / dof)
 
 
 # A tensor takes the wide path when max(variance) * U exceeds this (float32, float64 statistics),
@@ -141,131 +158,177 @@ def _scale_exponents(values):
     return k, c
 
 
-def _wide_unit_statistics(columns, ddof, moments_fn):
-    """Per-unit (mean, variance, entropy term) of columns [B, n] in float64, each unit scaled by
-    2^-k."""
-    values = tf.cast(columns, tf.float64)
-    k, c = _scale_exponents(values)
-    scaled_mean, scaled_variance = moments_fn(values * c, ddof)
-    mean = scaled_mean / c
-    variance = scaled_variance / c / c
+def _wide_statistics(run, rows, ddof, moments_fn):
+    """(mean [n, U], variance [n, U], entropy [n]) in float64 of the tensors `rows` [n] of a run
+    [count, B, U], each unit scaled by 2^-k."""
+    chosen = tf.gather(run, rows)
+    shape = tf.shape(chosen)
+    # [B, n * U]: every unit a column, as _scale_exponents takes them.
+    columns = tf.reshape(tf.transpose(tf.cast(chosen, tf.float64), [1, 0, 2]),
+                         tf.stack([shape[1], shape[0] * shape[2]]))
+    k, c = _scale_exponents(columns)
+    scaled = moments_fn(columns * c, ddof)
+    mean = scaled.mean / c
+    variance = scaled.variance / c / c
     # 0.5 * ln(pi*e * var + 1) = 0.5 * (ln(pi*e * var_s + 2^-2k) + 2k ln 2); the where()s keep
     # the unused branch free of log(0) (and its gradient free of NaN).
-    zero_scaled = tf.logical_and(k > 0, scaled_variance == 0.0)
-    safe_variance = tf.where(zero_scaled, tf.ones_like(scaled_variance), scaled_variance)
+    zero_scaled = tf.logical_and(k > 0, scaled.variance == 0.0)
+    safe_variance = tf.where(zero_scaled, tf.ones_like(scaled.variance), scaled.variance)
     log_form = 0.5 * (tf.math.log(PI_E * safe_variance + c * c)
                       + tf.cast(2 * k, tf.float64) * math.log(2.0))
-    unit_entropy = tf.where(k == 0, entropy_from_variance(scaled_variance),
+    unit_entropy = tf.where(k == 0, entropy_from_variance(scaled.variance),
                             tf.where(zero_scaled, tf.zeros_like(log_form), log_form))
-    return mean, variance, unit_entropy
+    per_tensor = shape[::2]  # [n, U]
+    return (tf.reshape(mean, per_tensor), tf.reshape(variance, per_tensor),
+            tf.reduce_mean(tf.reshape(unit_entropy, per_tensor), axis=1))
 
 
-def _runs(units):
-    """[(U, count)]: the lengths of the runs of equal consecutive entries of units."""
-    return [(size, len(list(run))) for size, run in itertools.groupby(units)]
+def _runs(flats, units):
+    """The tensors flats [B, U_i] stacked by runs of equal consecutive U: [count, B, U] each."""
+    runs, begin = [], 0
+    for _, run in itertools.groupby(units):
+        count = len(list(run))
+        members = flats[begin:begin + count]
+        runs.append(tf.expand_dims(members[0], 0) if count == 1 else tf.stack(members))
+        begin += count
+    return runs
 
 
-def _per_tensor(unit_values, units, reduce):
-    """reduce(values, axis) of each tensor's entries of unit_values [S] (tensor 0's units[0]
-    entries first), as a vector [N]. Consecutive tensors of equal U are reduced as the rows of
-    one [count, U] matrix: the same sums, in the same order, as one reduction per tensor."""
-    if len(units) == 1:
-        return tf.reshape(reduce(unit_values, axis=None), [1])
-    runs = _runs(units)
-    parts, begin = [], 0
-    for size, count in runs:
-        block = unit_values if len(runs) == 1 else tf.slice(unit_values, [begin], [size * count])
-        parts.append(reduce(tf.reshape(block, [count, size]), axis=1))
-        begin += size * count
-    return parts[0] if len(parts) == 1 else tf.concat(parts, 0)
-
-
-def _per_unit(units, per_tensor_values, dtype):
-    """A constant vector [S] holding per_tensor_values[i] at each of tensor i's units."""
-    return tf.constant(np.repeat(per_tensor_values, units), dtype)
-
-
-class _WideColumnsGradientGate:
-    """An identity on the fast statistics' input whose gradient drops the units of the tensors
-    that took the wide path, when any did.
-
-    The fast statistics of such a tensor may not be finite (a sum beyond the accumulator's
-    range); the wide branch passes them a zero gradient, which their backward pass would turn
-    into NaN (0 * Inf). Which tensors took it is known only after the statistics are computed:
-    `decide` records it before any gradient is taken.
+def _split_by_run(values, runs, per_unit=True):
+    """values [S] (per_unit) or [N] as one piece per run, [count, U] or [count]; None stays None.
     """
-
-    def __init__(self):
-        self._all_fit = None
-        self._unit_fits = None
-
-    def decide(self, all_fit, unit_fits):
-        """all_fit: a scalar bool; unit_fits: a callable returning a bool vector [S], true for the
-        units of the tensors whose fast statistics are used."""
-        self._all_fit = all_fit
-        self._unit_fits = unit_fits
-
-    def __call__(self, flat):
-        @tf.custom_gradient
-        def gate(values):
-            def gradient(upstream):
-                return tf.cond(self._all_fit, lambda: upstream,
-                               lambda: tf.where(self._unit_fits(), upstream,
-                                                tf.zeros_like(upstream)))
-            return tf.identity(values), gradient
-
-        return gate(flat)
+    if values is None:
+        return [None] * len(runs)
+    if len(runs) == 1:
+        return [tf.reshape(values, [runs[0].shape[0], -1]) if per_unit else values]
+    sizes = [run.shape[0] * (run.shape[-1] if per_unit else 1) for run in runs]
+    pieces = tf.split(values, sizes)
+    return [tf.reshape(piece, [run.shape[0], -1]) if per_unit else piece
+            for piece, run in zip(pieces, runs)]
 
 
-def _group_statistics(flats, units, ddof, allow_small_batch):
-    """(mean [S], variance [S], entropies [N]) of flats: N tensors [B, U_i] of one accumulator
-    dtype that share their batch B, units[i] = U_i (Python ints; a dynamic U only for N = 1).
-    The statistics are computed once for all units of the group (its tensors side by side), in
-    the accumulator dtype; see the module docstring.
+def _fast_gradient(moments, g_entropies, g_mean, g_variance):
+    """d/d run of g_entropies . H [+ g_mean . mean + g_variance . variance] (None: no such term)
+    from the fast statistics of a run [count, B, U], as the op's gradient kernel computes it:
 
-    One decision for the group: when every tensor's fast statistics fit, they are the result;
-    otherwise a branch recomputes the units of the tensors that do not fit on the wide path, and
-    only those tensors' entries change.
+        dx = deviations * variance_slope * (g_variance + dH/dvariance) + g_mean * mean_slope,
+        dH_i/dvariance_j = 0.5 pi e / (U (pi e variance_j + 1))   for unit j of tensor i.
     """
-    acc = flats[0].dtype
-    flat = flats[0] if len(flats) == 1 else tf.concat(flats, axis=1)
+    acc = moments.variance.dtype
+    units = tf.cast(tf.shape(moments.variance)[-1], acc)
+    g_unit_variance = (g_entropies[:, None] / units) * (0.5 * PI_E) / (
+        PI_E * moments.variance + 1)
+    if g_variance is not None:
+        g_unit_variance += g_variance
+    dx = moments.deviations * (g_unit_variance * moments.variance_slope)[:, None, :]
+    if g_mean is not None:
+        dx += (g_mean * moments.mean_slope)[:, None, :]
+    return dx
+
+
+def _group_statistics(flats, units, ddof, allow_small_batch, with_moments=True):
+    """(mean [S], variance [S], entropies [N]) of flats, or the entropies alone without
+    with_moments: N tensors [B, U_i] of one accumulator dtype that share their batch B, units[i]
+    = U_i (Python ints; a dynamic U only for N = 1). The tensors of each run of equal U are
+    stacked, [count, B, U], and their statistics computed together, in the accumulator dtype;
+    see the module docstring.
+
+    One decision for the group: when every tensor's fast statistics fit, they are the result and
+    the gradient is _fast_gradient's (one pass over the group); otherwise a branch recomputes the
+    tensors that do not fit on the wide path, only their entries change, and their gradient is
+    TensorFlow's of that computation.
+    """
     moments_fn = _moments_allowing_small_batch if allow_small_batch else _moments_of_full_batch
+
+    def chosen(means, variances, entropies):
+        entropies = tf.concat(entropies, 0) if len(entropies) > 1 else entropies[0]
+        if not with_moments:
+            return entropies
+        flat_means, flat_variances = ([tf.reshape(t, [-1]) for t in ts]
+                                      for ts in (means, variances))
+        return (tf.concat(flat_means, 0) if len(flat_means) > 1 else flat_means[0],
+                tf.concat(flat_variances, 0) if len(flat_variances) > 1 else flat_variances[0],
+                entropies)
+
+    runs = _runs(flats, units)
     if _in_xla_context():
         # XLA cannot differentiate the wide branch's cond when the batch is dynamic (the
         # gradient's placeholders for its [B, U] intermediates get a batch of 0): no wide branch.
-        mean, variance = moments_fn(flat, ddof)
-        return mean, variance, _per_tensor(entropy_from_variance(variance), units, tf.reduce_mean)
-    gate = _WideColumnsGradientGate()
-    mean, variance = moments_fn(gate(flat), ddof)
-    entropies = _per_tensor(entropy_from_variance(variance), units, tf.reduce_mean)
-    if len(units) == 1:
-        unit_units = tf.cast(tf.shape(flat)[1], acc)
-    else:
-        unit_units = _per_unit(units, units, acc)
-    # False for a variance that is not finite (Inf * U, NaN) as for one too large.
-    unit_small_enough = variance * unit_units <= _WIDE_VARIANCE_TIMES_UNITS[acc]
-    tensor_fits = _per_tensor(unit_small_enough, units, tf.reduce_all)
-    all_fit = tf.reduce_all(tensor_fits)
+        fast = [moments_fn(run, ddof) for run in runs]
+        return chosen([m.mean for m in fast], [m.variance for m in fast],
+                      [tf.reduce_mean(entropy_from_variance(m.variance), -1) for m in fast])
 
-    def unit_fits():
-        if len(units) == 1:
-            return tf.fill(tf.shape(variance), tensor_fits[0])
-        return tf.gather(tensor_fits, _per_unit(units, range(len(units)), tf.int32))
+    @tf.custom_gradient
+    def statistics(*runs):
+        acc = runs[0].dtype
+        fast = [moments_fn(run, ddof) for run in runs]
+        entropies = [tf.reduce_mean(entropy_from_variance(m.variance), -1) for m in fast]
+        fits = [tf.reduce_all(
+            m.variance * tf.cast(tf.shape(run)[-1], acc) <= _WIDE_VARIANCE_TIMES_UNITS[acc], -1)
+            for m, run in zip(fast, runs)]  # false for an Inf or NaN variance too
+        all_fit = tf.reduce_all(tf.concat(fits, 0)) if len(fits) > 1 else tf.reduce_all(fits[0])
 
-    gate.decide(all_fit, unit_fits)
+        def wide_rows(run_fits):
+            return tf.where(tf.logical_not(run_fits))[:, 0]
 
-    def with_wide_tensors():
-        wide_units = tf.where(tf.logical_not(unit_fits()))  # [n, 1]
-        wide_mean, wide_variance, wide_unit_entropy = _wide_unit_statistics(
-            tf.gather(flat, wide_units[:, 0], axis=1), ddof, moments_fn)
-        unit_entropy = tf.scatter_nd(wide_units, wide_unit_entropy,
-                                     tf.shape(variance, out_type=tf.int64))
-        wide_entropies = tf.cast(_per_tensor(unit_entropy, units, tf.reduce_mean), acc)
-        return (tf.tensor_scatter_nd_update(mean, wide_units, tf.cast(wide_mean, acc)),
-                tf.tensor_scatter_nd_update(variance, wide_units, tf.cast(wide_variance, acc)),
-                tf.where(tensor_fits, entropies, wide_entropies))
+        def with_wide_tensors():
+            merged = ([], [], [])
+            for run, m, run_entropies, run_fits in zip(runs, fast, entropies, fits):
+                rows = wide_rows(run_fits)
+                wide = _wide_statistics(run, rows, ddof, moments_fn)
+                for values, fast_values, wide_values in zip(
+                        merged, (m.mean, m.variance, run_entropies), wide):
+                    values.append(tf.tensor_scatter_nd_update(fast_values, rows[:, None],
+                                                              tf.cast(wide_values, acc)))
+            return chosen(*merged)
 
-    return tf.cond(all_fit, lambda: (mean, variance, entropies), with_wide_tensors)
+        outputs = tf.cond(all_fit, lambda: chosen([m.mean for m in fast],
+                                                  [m.variance for m in fast], entropies),
+                          with_wide_tensors)
+
+        def gradient(*upstream):
+            upstream = [None if g is None else tf.convert_to_tensor(g) for g in upstream]
+            g_mean, g_variance, g_entropies = upstream if with_moments else [None, None] + upstream
+            per_run = list(zip(_split_by_run(g_entropies, runs, per_unit=False),
+                               _split_by_run(g_mean, runs), _split_by_run(g_variance, runs)))
+
+            def fast_gradients():
+                return [_fast_gradient(m, *grads) for m, grads in zip(fast, per_run)]
+
+            def with_wide_tensors_gradients():
+                dxs = []
+                for run, m, run_fits, grads in zip(runs, fast, fits, per_run):
+                    rows = wide_rows(run_fits)
+                    with tf.GradientTape() as tape:
+                        tape.watch(run)
+                        wide = _wide_statistics(run, rows, ddof, moments_fn)
+                    given = [(output, tf.cast(tf.gather(grad, rows), tf.float64))
+                             for output, grad in zip((wide[2],) + wide[:2], grads)
+                             if grad is not None]
+                    wide_dx = tape.gradient([output for output, _ in given], run,
+                                            output_gradients=[grad for _, grad in given])
+                    # The wide tensors' part of the fast gradient is left out: their fast
+                    # statistics are not used, and 0 * Inf in it would be NaN.
+                    dxs.append(tf.where(run_fits[:, None, None], _fast_gradient(m, *grads),
+                                        tf.zeros_like(run)) + tf.convert_to_tensor(wide_dx))
+                return dxs
+
+            return tf.cond(all_fit, fast_gradients, with_wide_tensors_gradients)
+
+        return outputs, gradient
+
+    return statistics(*runs)
+
+
+def _one_tensor(x, ddof, name, allow_small_batch, with_moments):
+    """x as a checked tensor, and _group_statistics of it alone."""
+    ddof = _validation.check_ddof(ddof)
+    allow_small_batch = _validation.check_allow_small_batch(allow_small_batch)
+    x = _validation.check_input(x, ddof, name=name, allow_small_batch=allow_small_batch)
+    flat = _flatten(x)
+    if not allow_small_batch:
+        _check_runtime_batch(flat, ddof, name)
+    return x, _group_statistics([flat], [_units(x)], ddof, allow_small_batch, with_moments)
 
 
 def moments(x, ddof=1, name="x", entropy_dtype=None, allow_small_batch=False):
@@ -277,34 +340,22 @@ def moments(x, ddof=1, name="x", entropy_dtype=None, allow_small_batch=False):
     cannot raise at run time, a dynamic batch <= ddof gives a NaN entropy and variance (the mean
     is the batch mean: NaN for B = 0).
     """
-    ddof = _validation.check_ddof(ddof)
-    allow_small_batch = _validation.check_allow_small_batch(allow_small_batch)
-    x = _validation.check_input(x, ddof, name=name, allow_small_batch=allow_small_batch)
-    flat = _flatten(x)
-    if not allow_small_batch:
-        _check_runtime_batch(flat, ddof, name)
-    mean, variance, entropies = _group_statistics([flat], [_units(x)], ddof, allow_small_batch)
+    x, (mean, variance, entropies) = _one_tensor(x, ddof, name, allow_small_batch, True)
     return tf.cast(entropies[0], entropy_dtype or x.dtype), mean, variance
 
 
 def batch_entropy(x, ddof=1, dtype=None, allow_small_batch=False):
-    """Batch entropy of one activation tensor [B, d1, ...]: a differentiable scalar (0, with a
-    zero gradient, for a batch <= ddof if allow_small_batch; else that is an error)."""
-    return moments(x, ddof, entropy_dtype=dtype, allow_small_batch=allow_small_batch)[0]
-
-
-def _group_order(units):
-    """Sort key of a tensor within its group: tensors of equal U next to each other (they are
-    reduced together), those whose U is a multiple of 16, then of 8, first: their columns then
-    start at such multiples, and TensorFlow's column sums, which work on SIMD packets of up to 16
-    values, add them exactly as for the tensor alone."""
-    return units % 16 != 0, units % 8 != 0, units
+    """Batch entropy of one activation tensor [B, d1, ...]: a differentiable scalar in x's dtype
+    or `dtype` (0, with a zero gradient, for a batch <= ddof if allow_small_batch; else that is
+    an error)."""
+    x, entropies = _one_tensor(x, ddof, "x", allow_small_batch, False)
+    return tf.cast(entropies[0], dtype or x.dtype)
 
 
 def _groups(xs, same_batch):
     """The tensors of xs computed together, as lists of indices: one accumulator dtype, one batch
-    (the same static size, or any where same_batch promises it), static U; each list in
-    _group_order. Others are alone."""
+    (the same static size, or any where same_batch promises it), static U; each list sorted by U
+    (stable), so that tensors of equal U are stacked together. Others are alone."""
     groups = {}
     for i, x in enumerate(xs):
         batch = "shared" if same_batch else x.shape[0] if x.shape.rank is not None else None
@@ -313,8 +364,7 @@ def _groups(xs, same_batch):
         else:
             key = (_validation.accumulator_dtype(x.dtype), batch)
         groups.setdefault(key, []).append(i)
-    return [sorted(indices, key=lambda i: _group_order(_units(xs[i]))) for indices in
-            groups.values()]
+    return [sorted(indices, key=lambda i: _units(xs[i])) for indices in groups.values()]
 
 
 def entropies_of_checked(xs, ddof, dtype, allow_small_batch, same_batch, name="xs"):
@@ -325,8 +375,8 @@ def entropies_of_checked(xs, ddof, dtype, allow_small_batch, same_batch, name="x
         flats = [_flatten(xs[i]) for i in indices]
         if not allow_small_batch:
             _check_runtime_batch(flats[0], ddof, f"{name}[{indices[0]}]")
-        parts.append(tf.cast(_group_statistics(
-            flats, [_units(xs[i]) for i in indices], ddof, allow_small_batch)[2], dtype))
+        parts.append(tf.cast(_group_statistics(flats, [_units(xs[i]) for i in indices], ddof,
+                                               allow_small_batch, with_moments=False), dtype))
         order += indices
     values = parts[0] if len(parts) == 1 else tf.concat(parts, 0)
     if order == list(range(len(xs))):

@@ -278,17 +278,17 @@ def _group_and_one_at_a_time(xs, weights, mode, same_batch):
 @pytest.mark.parametrize("batch", [2, 37, 300])
 def test_tf_group_equals_one_tensor_at_a_time(rng, mode, batch):
     """A group mixing shapes and dtypes gives each tensor's own entropy and gradient: bit for bit
-    for the tensors of 32 or 64 units (in eager and graph mode), to the accumulator's rounding
-    for the others (TensorFlow's column sums of a narrow tensor alone may add in another order)."""
+    in eager and graph mode, to rounding under XLA (which compiles each function as a whole)."""
     xs = [make_input(rng, (batch, *units), dtype)[0] for units, dtype in GROUP_SHAPES]
     weights = tf.constant(rng.uniform(0.5, 2.0, len(xs)))
     # In eager mode the static batch groups them; in graph mode (dynamic batch) same_batch does.
     (hs, grads), (hs_one, grads_one) = _group_and_one_at_a_time(xs, weights, mode,
                                                                  same_batch=mode != "eager")
     for i, (units, dtype) in enumerate(GROUP_SHAPES):
-        if mode != "xla" and np.prod(units) in (32, 64) and dtype in (tf.float32, tf.float64):
+        if mode != "xla":
             assert hs[i] == hs_one[i]
             np.testing.assert_array_equal(grads[i], grads_one[i])
+            continue
         rtol = 1e-12 if dtype == tf.float64 else 1e-6
         np.testing.assert_allclose(hs[i], hs_one[i], rtol=rtol)
         # Half-precision gradients: a float32 difference may round to the neighbouring value.
@@ -298,8 +298,7 @@ def test_tf_group_equals_one_tensor_at_a_time(rng, mode, batch):
 
 
 def test_tf_group_graph_has_a_fixed_number_of_ops():
-    """However many tensors: no op per tensor but its reshape (and the constant of its shape).
-    (For up to 16 inputs, the gradient of a concat is one slice per input instead of a split.)"""
+    """However many tensors: no op per tensor but its reshape (and the constant of its shape)."""
     def op_types(count):
         @tf.function(input_signature=[tf.TensorSpec([None, 4, 8], tf.float32)] * count)
         def step(*xs):
