@@ -10,7 +10,8 @@ import lbe_ops
 
 def machine_info():
     """The platform, Python, TensorFlow and lbe_ops versions, the CPU (model, logical CPUs, the ISA
-    the op's kernels use), caches, memory, TensorFlow's thread settings and lbe_ops' backend."""
+    the op's kernels use), caches, memory, TensorFlow's thread settings, the visible GPUs and
+    lbe_ops' backend."""
     info = {
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -63,8 +64,21 @@ def machine_info():
         info["caches_per_core_or_shared"] = caches
     except OSError:
         pass
+    info["gpus"] = visible_gpus()
     info["backend_info"] = {k: v for k, v in lbe_ops.backend_info().items() if k != "xla"}
     return info
+
+
+def visible_gpus():
+    """The GPUs TensorFlow sees: each one's name (its device name where TensorFlow has none)."""
+    names = []
+    for device in tf.config.list_physical_devices("GPU"):
+        try:
+            details = tf.config.experimental.get_device_details(device)
+        except (ValueError, RuntimeError):
+            details = {}
+        names.append(details.get("device_name", device.name))
+    return names
 
 
 def load_average():
