@@ -236,7 +236,8 @@ def _group_statistics(flats, units, ddof, allow_small_batch, with_moments=True):
     One decision for the group: when every tensor's fast statistics fit, they are the result and
     the gradient is _fast_gradient's (one pass over the group); otherwise a branch recomputes the
     tensors that do not fit on the wide path, only their entries change, and their gradient is
-    TensorFlow's of that computation.
+    TensorFlow's of that computation. Under XLA: the fast statistics of one tensor at a time,
+    TensorFlow's gradient, no wide path.
     """
     moments_fn = _moments_allowing_small_batch if allow_small_batch else _moments_of_full_batch
 
@@ -250,19 +251,33 @@ def _group_statistics(flats, units, ddof, allow_small_batch, with_moments=True):
                 tf.concat(flat_variances, 0) if len(flat_variances) > 1 else flat_variances[0],
                 entropies)
 
-    runs = _runs(flats, units)
     if _in_xla_context():
+        # One tensor at a time, differentiated by TensorFlow: XLA fuses each tensor's statistics
+        # and their gradient with the ops around them, where a stack would be a copy of its own.
         # XLA cannot differentiate the wide branch's cond when the batch is dynamic (the
         # gradient's placeholders for its [B, U] intermediates get a batch of 0): no wide branch.
-        fast = [moments_fn(run, ddof) for run in runs]
+        fast = [moments_fn(flat, ddof) for flat in flats]
         return chosen([m.mean for m in fast], [m.variance for m in fast],
-                      [tf.reduce_mean(entropy_from_variance(m.variance), -1) for m in fast])
+                      [tf.reshape(tf.reduce_mean(entropy_from_variance(m.variance)), [1])
+                       for m in fast])
 
     @tf.custom_gradient
     def statistics(*runs):
         acc = runs[0].dtype
         fast = [moments_fn(run, ddof) for run in runs]
         entropies = [tf.reduce_mean(entropy_from_variance(m.variance), -1) for m in fast]
+        fast_outputs = chosen([m.mean for m in fast], [m.variance for m in fast], entropies)
+
+        def per_run(upstream):
+            """The upstream gradients as (g_entropies, g_mean, g_variance) of each run."""
+            upstream = [None if g is None else tf.convert_to_tensor(g) for g in upstream]
+            g_mean, g_variance, g_entropies = upstream if with_moments else [None, None] + upstream
+            return list(zip(_split_by_run(g_entropies, runs, per_unit=False),
+                            _split_by_run(g_mean, runs), _split_by_run(g_variance, runs)))
+
+        def fast_gradients(grads_per_run):
+            return [_fast_gradient(m, *grads) for m, grads in zip(fast, grads_per_run)]
+
         fits = [tf.reduce_all(
             m.variance * tf.cast(tf.shape(run)[-1], acc) <= _WIDE_VARIANCE_TIMES_UNITS[acc], -1)
             for m, run in zip(fast, runs)]  # false for an Inf or NaN variance too
@@ -282,22 +297,14 @@ def _group_statistics(flats, units, ddof, allow_small_batch, with_moments=True):
                                                               tf.cast(wide_values, acc)))
             return chosen(*merged)
 
-        outputs = tf.cond(all_fit, lambda: chosen([m.mean for m in fast],
-                                                  [m.variance for m in fast], entropies),
-                          with_wide_tensors)
+        outputs = tf.cond(all_fit, lambda: fast_outputs, with_wide_tensors)
 
         def gradient(*upstream):
-            upstream = [None if g is None else tf.convert_to_tensor(g) for g in upstream]
-            g_mean, g_variance, g_entropies = upstream if with_moments else [None, None] + upstream
-            per_run = list(zip(_split_by_run(g_entropies, runs, per_unit=False),
-                               _split_by_run(g_mean, runs), _split_by_run(g_variance, runs)))
-
-            def fast_gradients():
-                return [_fast_gradient(m, *grads) for m, grads in zip(fast, per_run)]
+            grads_per_run = per_run(upstream)
 
             def with_wide_tensors_gradients():
                 dxs = []
-                for run, m, run_fits, grads in zip(runs, fast, fits, per_run):
+                for run, m, run_fits, grads in zip(runs, fast, fits, grads_per_run):
                     rows = wide_rows(run_fits)
                     with tf.GradientTape() as tape:
                         tape.watch(run)
@@ -313,11 +320,12 @@ def _group_statistics(flats, units, ddof, allow_small_batch, with_moments=True):
                                         tf.zeros_like(run)) + tf.convert_to_tensor(wide_dx))
                 return dxs
 
-            return tf.cond(all_fit, fast_gradients, with_wide_tensors_gradients)
+            return tf.cond(all_fit, lambda: fast_gradients(grads_per_run),
+                           with_wide_tensors_gradients)
 
         return outputs, gradient
 
-    return statistics(*runs)
+    return statistics(*_runs(flats, units))
 
 
 def _one_tensor(x, ddof, name, allow_small_batch, with_moments):
