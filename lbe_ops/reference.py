@@ -267,17 +267,6 @@ def _group_statistics(flats, units, ddof, allow_small_batch, with_moments=True):
         fast = [moments_fn(run, ddof) for run in runs]
         entropies = [tf.reduce_mean(entropy_from_variance(m.variance), -1) for m in fast]
         fast_outputs = chosen([m.mean for m in fast], [m.variance for m in fast], entropies)
-
-        def per_run(upstream):
-            """The upstream gradients as (g_entropies, g_mean, g_variance) of each run."""
-            upstream = [None if g is None else tf.convert_to_tensor(g) for g in upstream]
-            g_mean, g_variance, g_entropies = upstream if with_moments else [None, None] + upstream
-            return list(zip(_split_by_run(g_entropies, runs, per_unit=False),
-                            _split_by_run(g_mean, runs), _split_by_run(g_variance, runs)))
-
-        def fast_gradients(grads_per_run):
-            return [_fast_gradient(m, *grads) for m, grads in zip(fast, grads_per_run)]
-
         fits = [tf.reduce_all(
             m.variance * tf.cast(tf.shape(run)[-1], acc) <= _WIDE_VARIANCE_TIMES_UNITS[acc], -1)
             for m, run in zip(fast, runs)]  # false for an Inf or NaN variance too
@@ -300,7 +289,13 @@ def _group_statistics(flats, units, ddof, allow_small_batch, with_moments=True):
         outputs = tf.cond(all_fit, lambda: fast_outputs, with_wide_tensors)
 
         def gradient(*upstream):
-            grads_per_run = per_run(upstream)
+            upstream = [None if g is None else tf.convert_to_tensor(g) for g in upstream]
+            g_mean, g_variance, g_entropies = upstream if with_moments else [None, None] + upstream
+            grads_per_run = list(zip(_split_by_run(g_entropies, runs, per_unit=False),
+                                     _split_by_run(g_mean, runs), _split_by_run(g_variance, runs)))
+
+            def fast_gradients():
+                return [_fast_gradient(m, *grads) for m, grads in zip(fast, grads_per_run)]
 
             def with_wide_tensors_gradients():
                 dxs = []
@@ -320,8 +315,7 @@ def _group_statistics(flats, units, ddof, allow_small_batch, with_moments=True):
                                         tf.zeros_like(run)) + tf.convert_to_tensor(wide_dx))
                 return dxs
 
-            return tf.cond(all_fit, lambda: fast_gradients(grads_per_run),
-                           with_wide_tensors_gradients)
+            return tf.cond(all_fit, fast_gradients, with_wide_tensors_gradients)
 
         return outputs, gradient
 
