@@ -326,7 +326,9 @@ def build_bench_parser():
                         "at least 5 rounds, quick 3)")
     p.add_argument("--fit-xla", action=argparse.BooleanOptionalAction, default=None,
                    help="also time plain and LBE fit() compiled by XLA (default on, off in "
-                        "--quick; compiling the 500-layer LBE model takes minutes)")
+                        "--quick but on a GPU; compiling the 500-layer LBE model takes minutes). "
+                        "On a GPU the fit table is plain and wrap() with jit_compile=False (the "
+                        "op) and under XLA (compile()'s default there)")
     p.add_argument("--fit-only", action="store_true",
                    help="run only the fit() table: no kernel cases, no training step, no chart")
     p.add_argument("--allocator", choices=("default", "bfc"), default="default",

@@ -38,11 +38,19 @@ def check_ddof(ddof):
     return int(ddof)
 
 
-def check_allow_small_batch(allow_small_batch):
+def _check_bool(name, value):
     # A truthy tensor or string would silently pick a mode; only a real bool does.
-    if not isinstance(allow_small_batch, (bool, np.bool_)):
-        raise TypeError(f"allow_small_batch must be True or False, got {allow_small_batch!r}")
-    return bool(allow_small_batch)
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_allow_small_batch(allow_small_batch):
+    return _check_bool("allow_small_batch", allow_small_batch)
+
+
+def check_same_batch(same_batch):
+    return _check_bool("same_batch", same_batch)
 
 
 ACCEPTED = ("a dense float tensor [batch, units...] (tf.Tensor, tf.Variable, NumPy array or "
@@ -98,7 +106,7 @@ def check_input(x, ddof, name="x", allow_small_batch=False):
     return x
 
 
-def check_list(xs, ddof, name="xs", allow_small_batch=False):
+def check_list(xs, ddof, name="xs", allow_small_batch=False, same_batch=False):
     if not isinstance(xs, (list, tuple)):
         hint = "" if isinstance(xs, (tf.RaggedTensor, tf.SparseTensor)) else \
             "; for the entropy of one tensor use lbe_ops.batch_entropy(x)"
@@ -107,5 +115,12 @@ def check_list(xs, ddof, name="xs", allow_small_batch=False):
     xs = list(xs)
     if not xs:
         raise ValueError(f"{name} must hold at least one tensor")
-    return [check_input(x, ddof, name=f"{name}[{i}]", allow_small_batch=allow_small_batch)
-            for i, x in enumerate(xs)]
+    xs = [check_input(x, ddof, name=f"{name}[{i}]", allow_small_batch=allow_small_batch)
+          for i, x in enumerate(xs)]
+    if same_batch:
+        static = {i: x.shape[0] for i, x in enumerate(xs)
+                  if x.shape.rank is not None and x.shape[0] is not None}
+        if len(set(static.values())) > 1:
+            sizes = ", ".join(f"{name}[{i}] {batch}" for i, batch in static.items())
+            raise ValueError(f"same_batch=True, but the batch sizes of {name} differ: {sizes}")
+    return xs

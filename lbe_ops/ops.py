@@ -265,15 +265,14 @@ def batch_entropy(x, ddof=1, dtype=None, allow_small_batch=False):
     x = _validation.check_input(x, ddof, allow_small_batch=allow_small_batch)
     dtype = _validation.result_dtype([x], dtype)
     if not _loader.use_op():
-        return reference.moments(x, ddof, entropy_dtype=dtype,
-                                 allow_small_batch=allow_small_batch)[0]
+        return reference.batch_entropy(x, ddof, dtype, allow_small_batch)
     entropy, _, variance, _ = _op_single(x, ddof, allow_small_batch)
     if _wider_than(dtype, x.dtype):
         return _entropies_from_variances(variance, [_units(x)], dtype)[0]
     return tf.cast(entropy, dtype)
 
 
-def batch_entropies(xs, ddof=1, dtype=None, allow_small_batch=False):
+def batch_entropies(xs, ddof=1, dtype=None, allow_small_batch=False, same_batch=False):
     """Batch entropies of a list of tensors (shapes may differ), as a vector [len(xs)].
 
     With the op backend, all tensors of one dtype go through one Lbe>BatchEntropies op (one
@@ -283,15 +282,21 @@ def batch_entropies(xs, ddof=1, dtype=None, allow_small_batch=False):
 
     A tensor whose batch is <= ddof is an error, unless allow_small_batch=True: then its entry
     is 0 with a zero gradient, and the other tensors' entries are computed as usual.
+
+    same_batch=True promises that all tensors have the same batch size at run time, as the layer
+    outputs of one model step do; the pure-TensorFlow path (lbe_ops.reference) then computes them
+    together, in a few ops for the whole list, where it otherwise does so only for tensors of the
+    same static batch size. A run-time batch that breaks the promise is an error there.
     """
     ddof = _validation.check_ddof(ddof)
     allow_small_batch = _validation.check_allow_small_batch(allow_small_batch)
-    xs = _validation.check_list(xs, ddof, allow_small_batch=allow_small_batch)
+    same_batch = _validation.check_same_batch(same_batch)
+    xs = _validation.check_list(xs, ddof, allow_small_batch=allow_small_batch,
+                                same_batch=same_batch)
     out_dtype = _validation.result_dtype(xs, dtype)
     if not _loader.use_op():
-        return tf.stack([reference.moments(x, ddof, name=f"xs[{i}]", entropy_dtype=out_dtype,
-                                           allow_small_batch=allow_small_batch)[0]
-                         for i, x in enumerate(xs)])
+        return reference.entropies_of_checked(xs, ddof, out_dtype, allow_small_batch,
+                                               same_batch)
     groups = {}
     for i, x in enumerate(xs):
         groups.setdefault(x.dtype, []).append(i)

@@ -68,6 +68,43 @@ def test_fit_table():
                        "1.60x | - | - |"
 
 
+def test_fit_variants_on_a_gpu_time_the_op_against_xla():
+    """Where a GPU is visible (here: injected), the fit table is plain and wrap() with
+    jit_compile=False and under XLA, also in --quick; on CPU it stays as it was."""
+    import tensorflow as tf
+
+    from lbe_ops.bench import fit as bench_fit
+    from lbe_ops.bench.cli import fit_variants
+    from lbe_ops_cli import parse_bench_args
+
+    gpus = [tf.config.PhysicalDevice(name="/physical_device:GPU:0", device_type="GPU")]
+    for argv, on_cpu, on_gpu in [
+            ([], bench_fit.FIT_VARIANTS, bench_fit.GPU_VARIANTS),
+            (["--quick"], bench_fit.GRAPH_VARIANTS, bench_fit.GPU_VARIANTS),
+            (["--no-fit-xla"], bench_fit.GRAPH_VARIANTS, ("plain", "op")),
+            (["--quick", "--fit-xla"], bench_fit.FIT_VARIANTS, bench_fit.GPU_VARIANTS)]:
+        args = parse_bench_args(argv)
+        assert fit_variants(args, []) == on_cpu
+        assert fit_variants(args, gpus) == on_gpu
+    assert bench_fit.GPU_VARIANTS == ("plain", "op", "plain-xla", "lbe-xla")
+
+
+def test_fit_jit_summary_says_which_way_is_faster():
+    from lbe_ops.bench import fit as bench_fit
+
+    times = {v: {"median": m} for v, m in (("plain", 0.010), ("op", 0.0125),
+                                           ("plain-xla", 0.008), ("lbe-xla", 0.010))}
+    entry = bench_fit.summarize_fit("mlp-100x64", times)
+    entry["auto_jit_compile"] = {v: True for v in times}
+    assert entry["lbe_xla_over_op"] == pytest.approx(0.8) and entry["tf_over_op"] is None
+    assert bench_fit.format_jit_summary([entry]) == (
+        'mlp-100x64: jit_compile="auto" resolves to XLA here; wrap() per step with '
+        "jit_compile=False (the op) 12.50 ms, under XLA (the composition) 10.00 ms: XLA 1.25x "
+        "faster")
+    del times["lbe-xla"]
+    assert bench_fit.format_jit_summary([bench_fit.summarize_fit("mlp-100x64", times)]) == ""
+
+
 def _check_fit_section(fit, variants):
     """The fit section of results.json: finite times for every variant, the overheads as
     defined, the op in the op variant's train function and in no other."""
@@ -92,6 +129,7 @@ def _check_fit_section(fit, variants):
             assert entry["overhead_lbe_xla_percent"] is None
         # None would mean Keras' trainer changed so that the graph cannot be read any more.
         assert entry["lbe_op_in_graph"] == {v: v == "op" for v in variants}
+        assert entry["auto_jit_compile"] == {v: False for v in variants}  # a CPU-only machine
         assert all(math.isfinite(loss) for loss in entry["last_loss"].values())
 
 

@@ -339,6 +339,49 @@ def test_float64_huge_values(rng, backend, std):
     np.testing.assert_allclose(grad, ref, rtol=0, atol=1e-9 * np.abs(ref).max() + 4 * tiny)
 
 
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_tf_group_with_tensors_on_the_wide_path(rng, mode):
+    """Tensors that need the wide path inside a group of ordinary ones (the pure-TF path computes
+    a group at once): their entries and gradients are those of the tensor alone, finite and
+    accurate; the ordinary tensors' entries are those of a group without them."""
+    ordinary = [(rng.standard_normal((300, 32)) * 3 + 1).astype(np.float32) for _ in range(3)]
+    overflowing = (rng.standard_normal((300, 16)) * 1e19).astype(np.float32)  # sums overflow
+    beyond = (rng.standard_normal((300, 8, 2)) * 1e30).astype(np.float32)  # variance > float32
+    xs = [tf.constant(x) for x in (ordinary[0], overflowing, ordinary[1], beyond, ordinary[2])]
+    weights = tf.constant([1.0, 2.0, 0.5, 1.5, 3.0], tf.float64)
+
+    def entropies_and_grads(fn, vs, w):
+        with tf.GradientTape() as tape:
+            tape.watch(vs)
+            hs = tf.cast(fn(list(vs)), tf.float64)
+            total = tf.reduce_sum(hs * w)
+        return hs, tape.gradient(total, vs)
+
+    def grouped(vs):
+        return lbe_ops.reference.batch_entropies(vs, same_batch=True)
+
+    def one_at_a_time(vs):
+        return tf.stack([lbe_ops.reference.batch_entropy(v) for v in vs])
+
+    run = entropies_and_grads if mode == "eager" else tf.function(entropies_and_grads)
+    hs, grads = run(grouped, xs, weights)
+    hs_one, grads_one = run(one_at_a_time, xs, weights)
+    hs_ordinary, _ = run(grouped, [xs[i] for i in (0, 2, 4)], tf.gather(weights, [0, 2, 4]))
+    np.testing.assert_array_equal(hs.numpy(), hs_one.numpy())
+    for g, g_one in zip(grads, grads_one):
+        np.testing.assert_array_equal(g.numpy(), g_one.numpy())
+    np.testing.assert_array_equal(hs.numpy()[[0, 2, 4]], hs_ordinary.numpy())
+    for i in (1, 3):
+        x64 = xs[i].numpy().astype(np.float64).reshape(300, -1)
+        ref = float(weights[i]) * np_entropy_grad(x64)
+        assert np.isfinite(hs[i]) and abs(float(hs[i]) - np_moments(x64)[0]) <= 1e-6 * hs[i]
+        grad = grads[i].numpy().astype(np.float64).reshape(300, -1)
+        assert np.all(np.isfinite(grad))
+        normal = np.abs(ref) >= TINY32
+        np.testing.assert_allclose(grad[normal], ref[normal], rtol=0,
+                                   atol=1e-5 * np.abs(ref).max() + 4 * TINY32)
+
+
 @pytest.mark.parametrize("kernel", ["cpu", "cuda_emulation"])
 @pytest.mark.parametrize("std", [3e17, 1e19, 1e37], ids=lambda v: f"{v:g}")
 def test_core_huge_values(rng, kernel, std):

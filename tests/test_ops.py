@@ -1,5 +1,7 @@
 """batch_entropy / batch_entropies against a float64 numpy reference, on both backends."""
 
+import collections
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -237,6 +239,106 @@ def test_grouped_mixed_dtypes(rng):
     assert hs.dtype == tf.float64
     ref = lbe_ops.reference.batch_entropies(xs)
     np.testing.assert_allclose(hs.numpy(), ref.numpy(), rtol=2e-3)
+
+
+# ---- the pure-TF path's groups: tensors of one batch computed side by side ------------------
+
+# Units (per tensor) that are multiples of 8 or not, ranks 2 to 4, all three accumulator cases.
+GROUP_SHAPES = [((32,), tf.float32), ((4, 4, 2), tf.float32), ((5,), tf.float32),
+                ((64,), tf.float32), ((3, 3), tf.float16), ((7,), tf.float64), ((32,), tf.float64),
+                ((2, 2, 8), tf.bfloat16), ((32,), tf.float32)]
+
+
+def _group_and_one_at_a_time(xs, weights, mode, same_batch):
+    """(entropies, gradients) of reference.batch_entropies(xs) and of one batch_entropy call per
+    tensor, in float64 numpy, for the loss sum(weights * H)."""
+    def grouped(*vs):
+        with tf.GradientTape() as tape:
+            tape.watch(vs)
+            hs = lbe_ops.reference.batch_entropies(list(vs), dtype=tf.float64,
+                                                   same_batch=same_batch)
+            total = tf.reduce_sum(hs * weights)
+        return hs, tape.gradient(total, vs)
+
+    def one_at_a_time(*vs):
+        with tf.GradientTape() as tape:
+            tape.watch(vs)
+            hs = tf.stack([lbe_ops.reference.batch_entropy(v, dtype=tf.float64) for v in vs])
+            total = tf.reduce_sum(hs * weights)
+        return hs, tape.gradient(total, vs)
+
+    signature = [tf.TensorSpec([None, *x.shape[1:]], x.dtype) for x in xs]
+    results = []
+    for fn in (grouped, one_at_a_time):
+        if mode != "eager":
+            fn = tf.function(fn, input_signature=signature, jit_compile=mode == "xla")
+        hs, grads = fn(*xs)
+        results.append((hs.numpy(), [tf.cast(g, tf.float64).numpy() for g in grads]))
+    return results
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+@pytest.mark.parametrize("batch", [2, 37, 300])
+def test_tf_group_equals_one_tensor_at_a_time(rng, mode, batch):
+    """A group mixing shapes and dtypes gives each tensor's own entropy and gradient: bit for bit
+    in eager and graph mode, to rounding under XLA (which compiles each function as a whole)."""
+    xs = [make_input(rng, (batch, *units), dtype)[0] for units, dtype in GROUP_SHAPES]
+    weights = tf.constant(rng.uniform(0.5, 2.0, len(xs)))
+    # In eager mode the static batch groups them; in graph mode (dynamic batch) same_batch does.
+    (hs, grads), (hs_one, grads_one) = _group_and_one_at_a_time(xs, weights, mode,
+                                                                 same_batch=mode != "eager")
+    for i, (units, dtype) in enumerate(GROUP_SHAPES):
+        if mode != "xla":
+            assert hs[i] == hs_one[i]
+            np.testing.assert_array_equal(grads[i], grads_one[i])
+            continue
+        rtol = 1e-12 if dtype == tf.float64 else 1e-6
+        np.testing.assert_allclose(hs[i], hs_one[i], rtol=rtol)
+        # Half-precision gradients: a float32 difference may round to the neighbouring value.
+        grad_rtol = {tf.float16: 2.0 ** -10, tf.bfloat16: 2.0 ** -7}.get(dtype, 10 * rtol)
+        np.testing.assert_allclose(grads[i], grads_one[i], rtol=0,
+                                   atol=grad_rtol * np.abs(grads_one[i]).max())
+
+
+def test_tf_group_graph_has_a_fixed_number_of_ops():
+    """However many tensors: no op per tensor but its reshape (and the constant of its shape)."""
+    def op_types(count):
+        @tf.function(input_signature=[tf.TensorSpec([None, 4, 8], tf.float32)] * count)
+        def step(*xs):
+            with tf.GradientTape() as tape:
+                tape.watch(xs)
+                hs = lbe_ops.reference.batch_entropies(list(xs), same_batch=True)
+            return tape.gradient(tf.reduce_sum(hs), xs)
+
+        ops = step.get_concrete_function().graph.get_operations()
+        return collections.Counter(op.type for op in ops
+                                   if op.type not in ("Placeholder", "Identity", "Reshape", "Const"))
+
+    assert op_types(40) == op_types(80)
+
+
+def test_same_batch_checks():
+    x, y = tf.ones([4, 3]), tf.ones([7, 3])
+    for backend in BACKENDS:
+        with lbe_ops.use_backend(backend):
+            with pytest.raises(TypeError, match="same_batch must be True or False"):
+                lbe_ops.batch_entropies([x, x], same_batch=1)
+            with pytest.raises(ValueError, match=r"same_batch=True, but the batch sizes of xs "
+                                                 r"differ: xs\[0\] 4, xs\[1\] 7"):
+                lbe_ops.batch_entropies([x, y], same_batch=True)
+    with pytest.raises(ValueError, match="same_batch=True"):
+        lbe_ops.reference.batch_entropies([x, y], same_batch=True)
+
+    def promised(a, b):
+        return lbe_ops.batch_entropies([a, b], same_batch=True)
+
+    signature = [tf.TensorSpec([None, 3], tf.float32)] * 2
+    y = tf.constant(np.random.default_rng(0).standard_normal((7, 3)), tf.float32)
+    with lbe_ops.use_backend("op"):  # the op takes any batches
+        np.testing.assert_allclose(tf.function(promised, input_signature=signature)(y[:4], y),
+                                   lbe_ops.batch_entropies([y[:4], y]), rtol=1e-6)
+    with lbe_ops.use_backend("tf"), pytest.raises(tf.errors.InvalidArgumentError):
+        tf.function(promised, input_signature=signature)(y[:4], y)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -25,6 +25,8 @@ Three parts, all in one invocation so that their figures come from the same mach
   * the fit() table (lbe_ops.bench.fit): the steady-state time per step of keras Model.fit()
     without LBE, with lbe_ops.keras.wrap() through the op and in pure TensorFlow, and both under
     XLA. Most of its time is the first fit() of each variant (tracing, and compiling under XLA).
+    On a GPU it times plain and wrap() with jit_compile=False (the op's CUDA kernels) and under
+    XLA (what compile()'s default jit_compile="auto" gives there), and says which is faster.
 
 Timing (lbe_ops.bench.timing): median per-call time over interleaved rounds, each round in a new
 seeded order. Outputs (in --out, default ./lbe-bench-results): results.json (every number, the
@@ -107,9 +109,16 @@ def run_case(case, dtype, mode, variants, min_time, log, quick=False):
     return result
 
 
-def run_fit(models, fit_time, min_rounds, with_xla, log):
+def fit_variants(args, gpus):
+    """The variants of the fit table (lbe_ops.bench.fit.fit_variants); the XLA pair unless
+    --no-fit-xla, and outside --quick, or in it too where GPUs are visible (`gpus`): there
+    compile()'s default is XLA, which the table is to compare with the op."""
+    with_xla = args.fit_xla if args.fit_xla is not None else bool(gpus) or not args.quick
+    return fit_bench.fit_variants(with_xla, gpus)
+
+
+def run_fit(models, fit_time, min_rounds, variants, log):
     """The fit() table's entries, one per model (lbe_ops.bench.fit)."""
-    variants = fit_bench.FIT_VARIANTS if with_xla else fit_bench.GRAPH_VARIANTS
     entries = [fit_bench.run_fit_model(m, variants, min_time=fit_time, min_rounds=min_rounds,
                                        log=log) for m in models]
     return {"method": fit_bench.FIT_METHOD, "fit_time_s": fit_time, "min_rounds": min_rounds,
@@ -133,7 +142,6 @@ def run(args, command):
         fit_models = ([fit_bench.QUICK_FIT_MODEL] if args.quick
                       else list(fit_bench.STANDARD_FIT_MODELS))
     fit_time = args.fit_time if args.fit_time is not None else (0.1 if args.quick else 20.0)
-    fit_xla = args.fit_xla if args.fit_xla is not None else not args.quick
     if args.fit_only:
         cases, train_layers = [], 0
     else:
@@ -171,7 +179,8 @@ def run(args, command):
                           args.train_xla, log, quick=args.quick)
     fit = None
     if fit_models:
-        fit = run_fit(fit_models, fit_time, 3 if args.quick else 5, fit_xla, log)
+        fit = run_fit(fit_models, fit_time, 3 if args.quick else 5,
+                      fit_variants(args, machine["gpus"]), log)
     load_after = load_average()
     header, rows = table_rows(results)
     doc = {
@@ -198,7 +207,9 @@ def run(args, command):
     if train:
         md.append(format_train_summary(train))
     if fit:
-        md.append(fit_bench.format_fit_table(fit["models"]) + "\n\n" + fit_bench.FIT_METHOD)
+        jit_summary = fit_bench.format_jit_summary(fit["models"])
+        md.append(fit_bench.format_fit_table(fit["models"]) + "\n\n"
+                  + (jit_summary + "\n\n" if jit_summary else "") + fit_bench.FIT_METHOD)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n\n".join(md) + "\n")
     if results and not args.no_chart:

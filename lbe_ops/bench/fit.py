@@ -15,6 +15,12 @@ architecture (wrap() shares layers with the model it wraps, so no two variants s
     plain-xla  plain, compile(jit_compile=True)
     lbe-xla    wrap(), compile(jit_compile=True): under XLA lbe_ops is pure TensorFlow
 
+On a GPU, compile()'s default jit_compile="auto" resolves to XLA: there wrap() runs the pure-TF
+composition, and the CUDA kernels run only with jit_compile=False. Which of the two is faster
+decides what a GPU user should be given, so on a GPU lbe-bench times GPU_VARIANTS: plain and
+wrap() with jit_compile=False (the op) and under XLA (the composition), in one run; each entry
+records what "auto" resolves to (auto_jit_compile) and lbe-xla / op.
+
 All with keras.optimizers.SGD and SparseCategoricalCrossentropy(from_logits=True), on random
 data from a seeded numpy generator, a whole number of batches per epoch.
 
@@ -44,6 +50,7 @@ from lbe_ops.bench.timing import quartiles, round_orders
 FIT_VARIANTS = ("plain", "op", "tf", "plain-xla", "lbe-xla")
 GRAPH_VARIANTS = ("plain", "op", "tf")
 XLA_VARIANTS = ("plain-xla", "lbe-xla")
+GPU_VARIANTS = ("plain", "op") + XLA_VARIANTS
 LEARNING_RATE = 1e-4  # small: hundreds of fit() epochs of a 500-layer ReLU stack stay finite
 
 
@@ -94,6 +101,14 @@ def _spec(model):
         raise ValueError(f"unknown fit model {model!r}; known: {', '.join(FIT_MODELS)}") from None
 
 
+def fit_variants(with_xla, gpus):
+    """The variants lbe-bench times: GPU_VARIANTS where GPUs are visible (`gpus`, as
+    tf.config.list_physical_devices("GPU") lists them), else GRAPH_VARIANTS; the XLA pair only
+    with_xla."""
+    variants = GPU_VARIANTS if gpus else FIT_VARIANTS
+    return variants if with_xla else tuple(v for v in variants if v not in XLA_VARIANTS)
+
+
 # --------------------------------------------------------------------------------------------
 # Building
 
@@ -142,6 +157,7 @@ class FitRun:
         self.y = y
         self.backend = backend
         self.last_loss = None
+        self.auto_jit_compile = auto_jit_compile(model)
 
     def fit(self, callbacks=()):
         """One epoch of model.fit() (unshuffled, silent), inside this variant's backend block;
@@ -192,6 +208,16 @@ def build_fit_model(model, variant, seed=0):
 def build_fit_models(model, variants=FIT_VARIANTS, seed=0):
     """{variant: FitRun} for one model, each variant its own freshly built model."""
     return {v: build_fit_model(model, v, seed=seed) for v in variants}
+
+
+def auto_jit_compile(model):
+    """What compile(jit_compile="auto") makes of `model` on this machine: True for XLA (Keras:
+    an accelerator is visible, no distribution strategy, every layer supports_jit); None if
+    Keras' internals changed."""
+    try:
+        return bool(model._resolve_auto_jit_compile())
+    except Exception:  # noqa: BLE001 - a diagnostic: unknown, not an error
+        return None
 
 
 def lbe_op_in_train_function(model):
@@ -307,12 +333,19 @@ def summarize_fit(model, times, runs=None):
     out["overhead_op_percent"] = _overhead_percent(times, "op", "plain")
     out["overhead_tf_percent"] = _overhead_percent(times, "tf", "plain")
     out["overhead_lbe_xla_percent"] = _overhead_percent(times, "lbe-xla", "plain-xla")
-    out["tf_over_op"] = (times["tf"]["median"] / times["op"]["median"]
-                         if "tf" in times and "op" in times else None)
+    out["tf_over_op"] = _ratio(times, "tf", "op")
+    out["lbe_xla_over_op"] = _ratio(times, "lbe-xla", "op")
     if runs is not None:
         out["lbe_op_in_graph"] = {name: run.lbe_op_in_graph() for name, run in runs.items()}
         out["last_loss"] = {name: run.last_loss for name, run in runs.items()}
+        out["auto_jit_compile"] = {name: run.auto_jit_compile for name, run in runs.items()}
     return out
+
+
+def _ratio(times, variant, base):
+    if variant in times and base in times:
+        return times[variant]["median"] / times[base]["median"]
+    return None
 
 
 def run_fit_model(model, variants=FIT_VARIANTS, min_time=20.0, min_rounds=5, seed=0, log=None):
@@ -360,6 +393,26 @@ def format_fit_table(entries):
             _with_overhead(t, "lbe-xla", e["overhead_lbe_xla_percent"]),
         ]
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def format_jit_summary(entries):
+    """One line per entry timed both ways: what compile()'s default jit_compile="auto" resolves
+    to, and wrap()'s step with jit_compile=False (the op) against under XLA (the composition)."""
+    lines = []
+    for e in entries:
+        ratio = e.get("lbe_xla_over_op")
+        if ratio is None:
+            continue
+        auto = (e.get("auto_jit_compile") or {}).get("op")
+        resolved = {True: "XLA", False: "jit_compile=False"}.get(auto, "unknown")
+        faster = (f"XLA {1 / ratio:.2f}x faster" if ratio < 1 else
+                  f"jit_compile=False {ratio:.2f}x faster")
+        t = e["times"]
+        lines.append(
+            f"{e['model']}: jit_compile=\"auto\" resolves to {resolved} here; wrap() per step "
+            f"with jit_compile=False (the op) {fmt_ms(t['op']['median'])} ms, under XLA (the "
+            f"composition) {fmt_ms(t['lbe-xla']['median'])} ms: {faster}")
     return "\n".join(lines)
 
 

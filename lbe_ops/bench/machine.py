@@ -11,7 +11,8 @@ from lbe_ops import _machine
 
 def machine_info():
     """The platform, Python, TensorFlow and lbe_ops versions, the CPU (model, logical CPUs, the ISA
-    the op's kernels use), caches, memory, TensorFlow's thread settings and lbe_ops' backend."""
+    the op's kernels use), caches, memory, TensorFlow's thread settings, the visible GPUs and
+    lbe_ops' backend."""
     avx2_fma_f16c = {"avx2", "fma", "f16c"} <= _machine.cpu_flags()
     info = {
         "platform": platform.platform(),
@@ -36,5 +37,18 @@ def machine_info():
     cache_sizes = _machine.caches()
     if cache_sizes is not None:
         info["caches_per_core_or_shared"] = cache_sizes
+    info["gpus"] = visible_gpus()
     info["backend_info"] = {k: v for k, v in lbe_ops.backend_info().items() if k != "xla"}
     return info
+
+
+def visible_gpus():
+    """The GPUs TensorFlow sees: each one's name (its device name where TensorFlow has none)."""
+    names = []
+    for device in tf.config.list_physical_devices("GPU"):
+        try:
+            details = tf.config.experimental.get_device_details(device)
+        except (ValueError, RuntimeError):
+            details = {}
+        names.append(details.get("device_name", device.name))
+    return names

@@ -33,7 +33,8 @@ def valid_mask(batch, ddofs):
 
 
 def local_entropies(tensors, ddofs):
-    """Entropies [N] (float32) of the tensors, one batch_entropies call per distinct ddof."""
+    """Entropies [N] (float32) of the tensors, the outputs of one step (so of one batch size),
+    one batch_entropies call per distinct ddof."""
     groups = {}
     for i, ddof in enumerate(ddofs):
         groups.setdefault(ddof, []).append(i)
@@ -41,7 +42,7 @@ def local_entropies(tensors, ddofs):
     for ddof, indices in groups.items():
         values = tf.cast(
             _ops.batch_entropies([tensors[i] for i in indices], ddof=ddof, dtype=tf.float32,
-                                 allow_small_batch=True),
+                                 allow_small_batch=True, same_batch=True),
             tf.float32)
         if len(groups) == 1:
             return values
