@@ -180,8 +180,10 @@ def build_parser():
     return parser
 
 
-def parse_args(argv=None):
-    parser = build_parser()
+def parse_args(argv=None, parser=None):
+    """(parser, args): lbe-train's options, checked; `parser` may be build_parser()'s with
+    options added."""
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     if args.width is None:
         args.width = DEFAULT_WIDTH[args.arch]
@@ -197,13 +199,13 @@ def parse_args(argv=None):
     return parser, args
 
 
-def default_out_dir():
+def default_out_dir(prefix="lbe-train"):
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = os.path.abspath(f"lbe-train-{stamp}")
+    path = os.path.abspath(f"{prefix}-{stamp}")
     suffix = 1
     while os.path.exists(path):
         suffix += 1
-        path = os.path.abspath(f"lbe-train-{stamp}-{suffix}")
+        path = os.path.abspath(f"{prefix}-{stamp}-{suffix}")
     return path
 
 
