@@ -208,17 +208,32 @@ def build_fit_models(model, variants=FIT_VARIANTS, seed=0):
     return {v: build_fit_model(model, v, seed=seed) for v in variants}
 
 
+def _closure_tf_functions(function, depth=2):
+    """The tf.functions in the closure of `function`, and in the closures of the plain
+    functions there, `depth` levels down."""
+    import tensorflow as tf
+
+    found = []
+    for cell in getattr(function, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # a cell not filled yet
+            continue
+        if isinstance(value, tf.types.experimental.PolymorphicFunction):
+            found.append(value)
+        elif depth > 0 and callable(value):
+            found += _closure_tf_functions(value, depth - 1)
+    return found
+
+
 def lbe_op_in_train_function(model):
     """True if the model's traced train function runs a Lbe> op, False if not, None if unknown.
 
-    Reads Keras 3's TensorFlow trainer from outside (the tf.function in the closure of
-    model.train_function), so it answers None rather than fail if that changes."""
+    Reads Keras 3's TensorFlow trainer from outside (the tf.functions in the closures of
+    model.train_function: fit() traces the one over the iterator, train_on_batch() the step
+    inside a wrapper), so it answers None rather than fail if that changes."""
     try:
-        import tensorflow as tf
-
-        cells = model.train_function.__closure__ or ()
-        functions = [c.cell_contents for c in cells
-                     if isinstance(c.cell_contents, tf.types.experimental.PolymorphicFunction)]
+        functions = _closure_tf_functions(model.train_function)
         concrete = [cf for f in functions for cf in f._list_all_concrete_functions()]
         if not concrete:
             return None
