@@ -1,4 +1,4 @@
-"""scripts/diagnose_train.py (issue 26) on tiny networks."""
+"""scripts/diagnose_train.py and scripts/compare_paths.py (issue 26) on tiny networks."""
 
 import importlib.util
 import json
@@ -76,3 +76,44 @@ def test_diagnose_records_each_quantity_and_trains_as_lbe_train(tmp_path, capsys
     for key in ("test_accuracy", "train_loss", "validation_task_loss"):
         assert result["run"]["history"][key] == expected["history"][key], key
     assert result["run"]["final_alpha"] == expected["final_alpha"]
+
+
+@pytest.mark.slow  # three runs of two models each (about 30 s on 2 cores)
+def test_compare_paths_in_lockstep(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    compare = _script("compare_paths")
+    options = TINY + ["--epochs", "2", "--seed", "1"]
+    out = tmp_path / "op-tf"
+    assert compare.main(options + ["--full", "--out", str(out)]) == 0
+    result = json.loads((out / "comparison.json").read_text())
+    assert [side["path"] for side in result["sides"]] == ["op", "tf"]
+    assert [side["lbe_op_in_graph"] for side in result["sides"]] == [True, False]
+    steps = 2 * result["steps_per_epoch"]
+    assert result["steps"]["step"] == list(range(1, steps + 1))
+    assert all(len(result["steps"][key]) == steps for key in result["steps"])
+    assert result["tensors"] == ["dense_1/kernel", "dense_1/bias", "dense_2/kernel",
+                                 "dense_2/bias", "dense_3/kernel", "dense_3/bias",
+                                 "logits/kernel", "logits/bias", "alphas"]
+    assert result["initial_weight_rel"] == 0
+    assert set(result["milestones"]) == {"1e-06", "0.0001", "0.01"}
+    assert [a["at"] for a in result["test_accuracy"]] == ["epoch end"] * 2
+    for checkpoint in result["checkpoints"]:
+        assert len(checkpoint["weight_rel"]) == len(checkpoint["update_rel"]) == 9
+    _check_png(out / "comparison.png")
+
+    # Model A is lbe-train's run through the op: the same batches, step for step.
+    reference = tmp_path / "lbe-train"
+    assert train.main(options + ["--no-baseline", "--backend", "op",
+                                 "--out", str(reference)]) == 0
+    expected = json.loads((reference / "results.json").read_text())["runs"]["lbe"]
+    assert [a["test_accuracy"][0] for a in result["test_accuracy"]] == pytest.approx(
+        expected["history"]["test_accuracy"][1:], abs=1e-5)
+
+    # One path against itself, B's initial weights perturbed: different from the start.
+    perturbed = tmp_path / "perturbed"
+    assert compare.main(options + ["--epochs", "1", "--paths", "tf", "tf", "--perturb", "1e-7",
+                                   "--out", str(perturbed)]) == 0
+    result = json.loads((perturbed / "comparison.json").read_text())
+    assert 0 < result["initial_weight_rel"] < 1e-6
+    assert result["first_difference"]["step"] == 1
+    assert "A and B" in capsys.readouterr().out
