@@ -17,10 +17,14 @@ tensor (each regularized layer's kernel and bias, the head's, the alpha vector) 
     weight_rel   |w_A - w_B| / |w_A|                           (Frobenius norms)
     update_rel   max|u_A - u_B| / max|u_A|, u = the step's change of the tensor
 
-It records the first step where the weights differ at all, the first where weight_rel passes
-1e-6, 1e-4 and --part (default 1e-2: the runs have parted), which tensors, and stops there unless
---full is given. Whether path "op" really ran the op is checked (backend_info() and the Lbe> ops
-in the traced step); a run whose op side did not is an error. Writes, into --out:
+For kernels, biases and the alphas apart it records the first step where their weights differ at
+all, and the first where weight_rel passes 1e-6, 1e-4 and --part (default 1e-2), which tensors,
+and stops when a kernel passes --part (the runs have parted) unless --full is given, and after
+--stop-after epochs in any case. The biases start at zero, and Adam's first steps are +-lr
+whatever the size of the gradient: where it is a rounding error (a vanishing gradient), two runs'
+biases part within a few steps while their kernels still agree. Whether path "op" really ran the op
+is checked (backend_info() and the Lbe> ops in the traced step); a run whose op side did not is
+an error. Writes, into --out:
 
     comparison.json     settings, per step the largest differences (and where), the milestones,
                         per-tensor differences at every epoch end and milestone, the test
@@ -49,14 +53,16 @@ from diagnose_train import (  # noqa: E402
 COMPARISON_VERSION = 1
 OUTPUT_FILES = ("comparison.json", "comparison.png")
 MILESTONES = (1e-6, 1e-4)
+KINDS = ("kernel", "bias", "alphas")
 
 DEFINITIONS = {
     "weight_rel": "|w_A - w_B| / |w_A| (Frobenius norms) after the step; 0 where both are 0",
     "update_rel": "max|u_A - u_B| / max|u_A|, u the change of the tensor in the step; 0 where "
                   "both are 0",
-    "steps_per_decade": "steps over which the largest weight_rel grew tenfold, from the first "
-                        "step above 1e-6 to the parting (a log-linear rate: a constant one is the"
-                        " signature of chaotic growth of a small difference)",
+    "steps_per_decade": "per kind of tensor, steps over which its largest weight_rel grew "
+                        "tenfold, from the first step above 1e-6 to the first above --part (a "
+                        "log-linear rate: a constant one is the signature of chaotic growth of "
+                        "a small difference)",
 }
 
 
@@ -66,9 +72,12 @@ def _comparison_options(parser):
     group.add_argument("--paths", nargs=2, choices=("op", "tf"), default=["op", "tf"],
                        metavar=("A", "B"), help="the backends of model A and model B")
     group.add_argument("--part", type=float, default=1e-2, metavar="THRESHOLD",
-                       help="the runs have parted when a tensor's weight_rel passes THRESHOLD")
+                       help="the runs have parted when a kernel's weight_rel passes THRESHOLD")
     group.add_argument("--full", action="store_true",
                        help="go on to the last epoch after parting")
+    group.add_argument("--stop-after", type=int, metavar="EPOCHS",
+                       help="compare at most this many epochs (the learning-rate schedule still "
+                            "spans --epochs)")
     add_perturbation_options(parser, "model B's")
 
 
@@ -106,6 +115,7 @@ class Side:
                          ("alphas", self.model.lbe_alphas)]
         self.op_in_graph = None
         self.losses = []
+        self.step_seconds = []
 
     def weights(self):
         return [variable.numpy() for _, variable in self.tensors]
@@ -113,8 +123,10 @@ class Side:
     def step(self, x, y):
         import lbe_ops
 
+        started = time.perf_counter()
         with lbe_ops.use_backend(self.path):  # (train_on_batch resets the metrics first)
             logs = self.model.train_on_batch(x, y, return_dict=True)
+        self.step_seconds.append(time.perf_counter() - started)
         self.losses.append(finite(logs["loss"], 8))
 
     def test_accuracy(self):
@@ -138,9 +150,13 @@ class Side:
                              f"{'does not run' if expected else 'runs'} the Lbe> op")
 
     def describe(self):
+        # The first steps trace (the last, partial batch of an epoch traces once more).
+        steady = self.step_seconds[2:]
         return {"path": self.path, "backend": self.info["backend"],
                 "backend_reason": self.info["reason"], "library": self.info["library"],
-                "lbe_op_in_graph": self.op_in_graph}
+                "lbe_op_in_graph": self.op_in_graph,
+                "first_step_s": round(self.step_seconds[0], 2) if self.step_seconds else None,
+                "median_step_s": round(float(np.median(steady)), 4) if steady else None}
 
 
 def fit_batches(dataset, epoch):
@@ -152,30 +168,64 @@ def fit_batches(dataset, epoch):
     return iter(dataset)
 
 
-def _first_above(values, names, threshold):
-    """[(name, value)] of the tensors whose value passes threshold, largest first."""
-    above = [(names[i], v) for i, v in enumerate(values) if v > threshold]
-    return sorted(above, key=lambda item: -item[1])
+def kind_of(name):
+    """'kernel', 'bias' or 'alphas' for a tensor name ('dense_3/kernel', 'alphas')."""
+    return name.rsplit("/", 1)[-1]
 
 
-def _event(step, epoch, values, names, threshold):
-    above = _first_above(values, names, threshold)
-    return {"step": step, "epoch": epoch, "tensor": above[0][0], "value": finite(above[0][1]),
-            "tensors_above": len(above),
-            "largest": [{"tensor": n, "value": finite(v)} for n, v in above[:5]]}
+class Milestones:
+    """The first step at which each kind of tensor (kernels, biases, the alphas) differs at all,
+    and passes each threshold: which tensor, by how much, and the largest ones then."""
 
+    def __init__(self, names, thresholds):
+        self.names = names
+        self.members = {kind: [i for i, name in enumerate(names) if kind_of(name) == kind]
+                        for kind in KINDS}
+        self.thresholds = [0.0] + list(thresholds)
+        self.first = {kind: {self.label(t): None for t in self.thresholds} for kind in KINDS}
 
-def _growth(milestones, parted, steps_per_epoch):
-    start = next((milestones[key] for key in sorted(milestones, key=float) if milestones[key]),
-                 None)
-    if start is None or parted is None or parted["step"] <= start["step"]:
-        return None
-    decades = math.log10(parted["value"] / start["value"])
-    if decades <= 0:
-        return None
-    steps = (parted["step"] - start["step"]) / decades
-    return {"from_step": start["step"], "to_step": parted["step"],
-            "steps_per_decade": finite(steps), "epochs_per_decade": finite(steps / steps_per_epoch)}
+    @staticmethod
+    def label(threshold):
+        return "any" if threshold == 0 else f"{threshold:g}"
+
+    def update(self, step, epoch, weights_rel):
+        """Records the thresholds passed at this step; returns what was passed, as text."""
+        passed = []
+        for kind, members in self.members.items():
+            for threshold in self.thresholds:
+                label = self.label(threshold)
+                if self.first[kind][label] is not None:
+                    continue
+                above = sorted((i for i in members if weights_rel[i] > threshold),
+                               key=lambda i: -weights_rel[i])
+                if not above:
+                    break  # nor any larger threshold
+                self.first[kind][label] = {
+                    "step": step, "epoch": epoch, "tensor": self.names[above[0]],
+                    "value": finite(weights_rel[above[0]]), "tensors_above": len(above),
+                    "largest": [{"tensor": self.names[i], "value": finite(weights_rel[i])}
+                                for i in above[:5]]}
+                passed.append(f"{kind} {'differs' if threshold == 0 else '> ' + label}")
+                print(f"  step {step} (epoch {epoch}): {kind} weight_rel "
+                      f"{'> 0' if threshold == 0 else '> ' + label} first in "
+                      f"{self.names[above[0]]} ({weights_rel[above[0]]:.3g}; {len(above)} "
+                      f"{kind} tensors above)", flush=True)
+        return passed
+
+    def growth(self, kind, part, steps_per_epoch):
+        """How fast the largest weight_rel of `kind` grew: from the first step above the
+        smallest threshold to the step above `part`."""
+        start = self.first[kind][self.label(self.thresholds[1])]
+        end = self.first[kind][self.label(part)]
+        if start is None or end is None or end["step"] <= start["step"]:
+            return None
+        decades = math.log10(end["value"] / start["value"])
+        if decades <= 0:
+            return None
+        steps = (end["step"] - start["step"]) / decades
+        return {"kind": kind, "from_step": start["step"], "to_step": end["step"],
+                "steps_per_decade": finite(steps),
+                "epochs_per_decade": finite(steps / steps_per_epoch)}
 
 
 def plot(comparison, path):
@@ -189,11 +239,12 @@ def plot(comparison, path):
     fig, (ax_steps, ax_layers) = plt.subplots(1, 2, figsize=(14, 5), constrained_layout=True)
     for key, label, style in (("max_weight_rel_kernel", "weight_rel, kernels", "-"),
                               ("max_weight_rel_bias", "weight_rel, biases", "-"),
+                              ("max_weight_rel_alphas", "weight_rel, alphas", "-"),
                               ("max_update_rel", "update_rel, all tensors", ":")):
         values = np.array([np.nan if v is None or v == 0 else v for v in steps[key]], float)
         ax_steps.plot(x, values, style, label=label, linewidth=1)
     ax_steps.axhline(comparison["config"]["part_threshold"], color="gray", linestyle="--",
-                     linewidth=1, label="parting threshold")
+                     linewidth=1, label="--part")
     ax_steps.set(xlabel="epoch (steps / steps per epoch)", ylabel="largest over the tensors",
                  yscale="log", title="A against B after every step")
     ax_steps.grid(alpha=0.3, which="both")
@@ -224,6 +275,9 @@ def main(argv=None):
     parser, args = parse(argv, _comparison_options, "lbe-compare", OUTPUT_FILES)
     if not 0 < args.part < 1:
         parser.error(f"--part: expected a threshold in (0, 1), got {args.part}")
+    last_epoch = args.epochs if args.stop_after is None else min(args.stop_after, args.epochs)
+    if last_epoch < 1:
+        parser.error(f"--stop-after: expected a positive number of epochs, got {args.stop_after}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from lbe_ops import train
 
@@ -234,27 +288,26 @@ def main(argv=None):
                   perturbed(weights, args.perturb, args.perturb_seed))]
     a, b = sides
     names = [name for name, _ in a.tensors]
-    kernels = [i for i, name in enumerate(names) if not name.endswith("/bias")]
-    biases = [i for i, name in enumerate(names) if name.endswith("/bias")]
     steps_per_epoch = int(a.train_ds.cardinality())
-    thresholds = sorted({t for t in MILESTONES if t < args.part} | {args.part})
+    milestones = Milestones(names, sorted({t for t in MILESTONES if t < args.part} | {args.part}))
+    kinds = milestones.members
     os.makedirs(args.out, exist_ok=True)
     print(f"compare: A = {a.path} ({a.info['backend']}), B = {b.path} ({b.info['backend']})"
           + (f", B perturbed by {args.perturb:g} (seed {args.perturb_seed})" if args.perturb
-             else "") + f"; seed {args.seed}, depth {args.depth}, up to {args.epochs} epochs of "
+             else "") + f"; seed {args.seed}, depth {args.depth}, up to {last_epoch} epochs of "
           f"{steps_per_epoch} steps; output {os.path.abspath(args.out)}", flush=True)
 
     series = {key: [] for key in ("step", "epoch", "learning_rate", "max_weight_rel",
-                                  "max_weight_rel_tensor", "max_weight_rel_kernel",
-                                  "max_weight_rel_bias", "max_update_rel",
-                                  "max_update_rel_tensor")}
+                                  "max_weight_rel_tensor", "max_update_rel",
+                                  "max_update_rel_tensor")
+              + tuple(f"max_weight_rel_{kind}" for kind in KINDS)}
     previous = [a.weights(), b.weights()]
     initial = [weight_rel(x, y) for x, y in zip(*previous)]
-    first_difference, parted = None, None
-    milestones = {f"{t:g}": None for t in thresholds}
     checkpoints, accuracies = [], []
     step = 0
-    for epoch in range(1, args.epochs + 1):
+    parted = None
+    loop_started = time.perf_counter()
+    for epoch in range(1, last_epoch + 1):
         for x, y in fit_batches(a.train_ds, epoch):
             learning_rate = float(a.model.optimizer.learning_rate)
             a.step(x, y)
@@ -274,33 +327,23 @@ def main(argv=None):
                     ("step", step), ("epoch", epoch), ("learning_rate", finite(learning_rate)),
                     ("max_weight_rel", finite(weights_rel[largest])),
                     ("max_weight_rel_tensor", names[largest]),
-                    ("max_weight_rel_kernel", finite(max(weights_rel[i] for i in kernels))),
-                    ("max_weight_rel_bias", finite(max(weights_rel[i] for i in biases))),
                     ("max_update_rel", finite(updates_rel[largest_update])),
                     ("max_update_rel_tensor", names[largest_update])):
                 series[key].append(value)
-            reasons = []
-            if first_difference is None and weights_rel[largest] > 0:
-                first_difference = _event(step, epoch, weights_rel, names, 0.0)
-                reasons.append("first difference")
-            for threshold in thresholds:
-                key = f"{threshold:g}"
-                if milestones[key] is None and weights_rel[largest] > threshold:
-                    milestones[key] = _event(step, epoch, weights_rel, names, threshold)
-                    reasons.append(f"weight_rel > {key}")
-                    print(f"  step {step} (epoch {epoch}): weight_rel > {key} first in "
-                          f"{names[largest]} ({weights_rel[largest]:.3g}; "
-                          f"{milestones[key]['tensors_above']} tensors above)", flush=True)
-            if parted is None and milestones[f"{args.part:g}"] is not None:
-                parted = milestones[f"{args.part:g}"]
-            if reasons:
-                checkpoints.append({"step": step, "epoch": epoch, "why": ", ".join(reasons),
+            for kind, members in kinds.items():
+                series[f"max_weight_rel_{kind}"].append(
+                    finite(max(weights_rel[i] for i in members)))
+            passed = milestones.update(step, epoch, weights_rel)
+            if passed:
+                checkpoints.append({"step": step, "epoch": epoch, "why": ", ".join(passed),
                                     "weight_rel": finite_list(weights_rel),
                                     "update_rel": finite_list(updates_rel)})
+            parted = milestones.first["kernel"][Milestones.label(args.part)]
             if parted is not None and not args.full:
                 break
         ended = "epoch end" if step == epoch * steps_per_epoch else "stop"
         accuracies.append({"epoch": epoch, "step": step, "at": ended,
+                           "elapsed_s": round(time.perf_counter() - loop_started, 1),
                            "test_accuracy": [a.test_accuracy(), b.test_accuracy()]})
         if not checkpoints or checkpoints[-1]["step"] != step:
             checkpoints.append({"step": step, "epoch": epoch, "why": ended,
@@ -308,17 +351,20 @@ def main(argv=None):
                                 "update_rel": finite_list(updates_rel)})
         else:
             checkpoints[-1]["why"] = f"{ended}, {checkpoints[-1]['why']}"
-        print(f"epoch {epoch}: step {step}, largest weight_rel {weights_rel[largest]:.3g} "
-              f"({names[largest]}), largest update_rel {updates_rel[largest_update]:.3g} "
-              f"({names[largest_update]}); test accuracy A {accuracies[-1]['test_accuracy'][0]:.3f}"
-              f", B {accuracies[-1]['test_accuracy'][1]:.3f}", flush=True)
+        largest_by_kind = ", ".join(f"{kind} {max(weights_rel[i] for i in members):.3g}"
+                                    for kind, members in kinds.items())
+        print(f"epoch {epoch}: step {step}, largest weight_rel: {largest_by_kind}; largest "
+              f"update_rel {updates_rel[largest_update]:.3g} ({names[largest_update]}); test "
+              f"accuracy A {accuracies[-1]['test_accuracy'][0]:.3f}, B "
+              f"{accuracies[-1]['test_accuracy'][1]:.3f} ({accuracies[-1]['elapsed_s']:.0f} s)",
+              flush=True)
         if parted is not None and not args.full:
             break
 
     config = train.run_config(a.args, data, validation, a.info)
     config.update({"paths": list(args.paths), "perturb": args.perturb,
                    "perturb_seed": args.perturb_seed, "part_threshold": args.part,
-                   "full": args.full})
+                   "full": args.full, "stop_after": last_epoch})
     for key in ("backend", "backend_requested", "baseline"):
         config.pop(key)
     comparison = {
@@ -329,10 +375,9 @@ def main(argv=None):
         "steps_per_epoch": steps_per_epoch,
         "tensors": names,
         "initial_weight_rel": finite(max(initial)),
-        "first_difference": first_difference,
-        "milestones": milestones,
+        "milestones": milestones.first,
         "parted": parted,
-        "growth": _growth(milestones, parted, steps_per_epoch),
+        "growth": {kind: milestones.growth(kind, args.part, steps_per_epoch) for kind in KINDS},
         "steps": {**series, "loss_a": a.losses, "loss_b": b.losses},
         "checkpoints": checkpoints,
         "test_accuracy": accuracies,
@@ -342,14 +387,16 @@ def main(argv=None):
     write_json(os.path.join(args.out, "comparison.json"), comparison)
     plot(comparison, os.path.join(args.out, "comparison.png"))
     if parted is None:
-        print(f"\nA and B did not part (weight_rel <= {args.part:g}) in {step} steps")
+        print(f"\nthe kernels of A and B did not part (weight_rel <= {args.part:g}) in {step} "
+              "steps")
     else:
-        print(f"\nA and B parted at step {parted['step']} (epoch {parted['epoch']}): "
-              f"{parted['tensor']} weight_rel {parted['value']:.3g}")
-    if comparison["growth"]:
-        print(f"the largest weight_rel grew tenfold every "
-              f"{comparison['growth']['steps_per_decade']:.0f} steps "
-              f"({comparison['growth']['epochs_per_decade']:.2f} epochs)")
+        print(f"\nthe kernels of A and B parted at step {parted['step']} (epoch "
+              f"{parted['epoch']}): {parted['tensor']} weight_rel {parted['value']:.3g}")
+    for kind, growth in comparison["growth"].items():
+        if growth:
+            print(f"the largest {kind} weight_rel grew tenfold every "
+                  f"{growth['steps_per_decade']:.0f} steps ({growth['epochs_per_decade']:.2f} "
+                  f"epochs) from step {growth['from_step']} to {growth['to_step']}")
     for name in OUTPUT_FILES:
         print(f"wrote {os.path.join(args.out, name)}")
     return 0

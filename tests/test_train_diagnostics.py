@@ -95,7 +95,10 @@ def test_compare_paths_in_lockstep(tmp_path, capsys):
                                  "dense_2/bias", "dense_3/kernel", "dense_3/bias",
                                  "logits/kernel", "logits/bias", "alphas"]
     assert result["initial_weight_rel"] == 0
-    assert set(result["milestones"]) == {"1e-06", "0.0001", "0.01"}
+    assert set(result["milestones"]) == {"kernel", "bias", "alphas"}
+    for milestones in result["milestones"].values():
+        assert set(milestones) == {"any", "1e-06", "0.0001", "0.01"}
+    assert set(result["growth"]) == {"kernel", "bias", "alphas"}
     assert [a["at"] for a in result["test_accuracy"]] == ["epoch end"] * 2
     for checkpoint in result["checkpoints"]:
         assert len(checkpoint["weight_rel"]) == len(checkpoint["update_rel"]) == 9
@@ -115,5 +118,5 @@ def test_compare_paths_in_lockstep(tmp_path, capsys):
                                    "--out", str(perturbed)]) == 0
     result = json.loads((perturbed / "comparison.json").read_text())
     assert 0 < result["initial_weight_rel"] < 1e-6
-    assert result["first_difference"]["step"] == 1
-    assert "A and B" in capsys.readouterr().out
+    assert result["milestones"]["kernel"]["any"]["step"] == 1
+    assert "the kernels of A and B" in capsys.readouterr().out
