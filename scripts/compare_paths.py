@@ -70,7 +70,9 @@ def _comparison_options(parser):
     parser.description = __doc__.split("\n")[0]
     group = parser.add_argument_group("comparison")
     group.add_argument("--paths", nargs=2, choices=("op", "tf"), default=["op", "tf"],
-                       metavar=("A", "B"), help="the backends of model A and model B")
+                       metavar=("A", "B"),
+                       help="the backends of model A and model B (in place of --backend; "
+                            "--no-baseline does nothing here)")
     group.add_argument("--part", type=float, default=1e-2, metavar="THRESHOLD",
                        help="the runs have parted when a kernel's weight_rel passes THRESHOLD")
     group.add_argument("--full", action="store_true",

@@ -50,8 +50,10 @@ OUTPUT_FILES = ("diagnostics.json", "diag_layers.png", "diag_epochs.png")
 DEFINITIONS = {
     "probe": "a fixed set of training examples (class-balanced, chosen with seed 0 whatever "
              "--seed), split into groups of --batch-size: the batches of the measurements",
-    "entropy_probe": "batch entropy H of the layer's output (ddof 1, through the run's backend),"
-                     " the mean over the probe's batches of --batch-size examples",
+    "entropy_probe": "batch entropy H of the layer's output over each of the probe's batches, "
+                     "averaged over the batches: the mean over the units of 0.5 * ln(pi*e * v "
+                     "+ 1), v the unit's variance (ddof 1) from lbe_ops.batch_entropy_moments "
+                     "through the run's backend (batch_entropy's value, to rounding)",
     "entropy_train": "mean batch entropy over the epoch's training steps (LBEModel."
                      "layer_entropies(), as lbe-train records it); null at epoch 0",
     "alpha": "the layer's learnable alpha; target = max(alpha_min, |alpha|)",
@@ -70,9 +72,12 @@ DEFINITIONS = {
                     " of class c's examples to mu_c; closest_separation is that ratio",
     "grad_task_*": "norm of the task part of the gradient: d/dw of mean_b (1 + lbe_b) * CE_b "
                    "with (1 + lbe_b) held constant, over the probe's batches b",
-    "grad_lbe_*": "norm of the LBE part: d/dw of mean_b CE_b * lbe_b with CE_b held constant. "
-                  "grad_task + grad_lbe is the gradient of mean_b CE_b * (1 + lbe_b), the mean "
-                  "of the training loss's gradients on the probe's batches (before clipping)",
+    "grad_lbe_*": "norm of the LBE part: d/dw of mean_b CE_b * lbe_b with CE_b held constant, "
+                  "through the run's backend's entropy gradient (one call for all batches and "
+                  "layers, each unit's gradient weighted by d(CE_b * lbe_b)/dH of its batch "
+                  "and layer). grad_task + grad_lbe is the gradient of mean_b CE_b * (1 + "
+                  "lbe_b), the mean of the training loss's gradients on the probe's batches "
+                  "(before clipping)",
     "grad_cosine_kernel": "cosine between the task and LBE parts of the kernel's gradient",
     "grad_lbe_alpha": "d/dalpha of the LBE part (the alphas get no task gradient)",
     "adam_step_*": "norm of the epoch's last Adam step as Adam applied it: lr * sqrt(1 - b2^t) /"
@@ -125,7 +130,8 @@ def _diagnosis_options(parser):
     parser.description = __doc__.split("\n")[0]
     group = parser.add_argument_group("diagnosis")
     group.add_argument("--run", choices=("lbe", "baseline"), default="lbe",
-                       help="which of lbe-train's two runs to train and measure")
+                       help="which of lbe-train's two runs to train and measure "
+                            "(--no-baseline does nothing here)")
     group.add_argument("--epochs-every", type=int, default=1, metavar="N",
                        help="measure after every N-th epoch (and after the last)")
     group.add_argument("--probe-size", type=int, default=DEFAULT_PROBE_SIZE,
@@ -276,13 +282,37 @@ def _learning_rate_at(optimizer, step):
     return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
 
 
+def _by_batch(output, groups, group_size):
+    """[groups * group_size, ...] -> [group_size, groups * units]: the units of each batch of
+    the probe side by side (column g * units + j: unit j over batch g)."""
+    import tensorflow as tf
+
+    grouped = tf.reshape(output, (groups, group_size, -1))
+    return tf.reshape(tf.transpose(grouped, (1, 0, 2)), (group_size, -1))
+
+
+def _batch_entropies(columns, units, groups, ddof):
+    """[groups, layers]: each layer's batch entropy over each batch of the probe, the mean of
+    its units' 0.5 * ln(pi*e * variance + 1) (as lbe_ops computes it), from the variances of
+    all columns in one call."""
+    import tensorflow as tf
+
+    from lbe_ops import ops, reference
+
+    _, _, variance = ops.batch_entropy_moments(columns, ddof=ddof)
+    per_unit = reference.entropy_from_variance(variance)
+    return tf.stack([tf.reduce_mean(tf.reshape(part, (groups, u)), axis=1)
+                     for part, u in zip(tf.split(per_unit, [groups * u for u in units]), units)],
+                    axis=1)
+
+
 def make_diagnostics_callback(args, data):
     """The callback that measures the run (see DEFINITIONS); its `records` and `layers` go into
     diagnostics.json."""
     import keras
     import tensorflow as tf
 
-    from lbe_ops.keras import _capture
+    from lbe_ops.keras import _capture, _loss
 
     count = probe_count(args.probe_size, args.batch_size, len(data.y_train))
     picked = probe_indices(data.y_train, count)
@@ -315,29 +345,54 @@ def make_diagnostics_callback(args, data):
             alphas = model.lbe_alphas
             targets = weights + ([alphas] if alphas is not None else [])
 
+            regularizers = model.lbe_regularizers
+            (ddof,) = {regularizer.ddof for regularizer in regularizers}
+            valid = tf.ones((len(regularizers),), tf.float32)
+
             @tf.function
             def probe(x, y):
                 with tf.GradientTape(persistent=True) as tape:
                     with _capture.capturing() as capture:
                         logits = model(x, training=True)
-                    records = capture.records
-                    task_terms, lbe_terms, entropies = [], [], []
-                    for g in range(groups):
-                        part = slice(g * group_size, (g + 1) * group_size)
-                        lbe, entropy, _ = model._lbe_term(
-                            [(regularizer, output[part]) for regularizer, output in records])
-                        task = model.compute_task_loss(x[part], y[part], logits[part])
-                        task_terms.append(tf.stop_gradient(1.0 + lbe) * task)
-                        lbe_terms.append(tf.stop_gradient(task) * lbe)
-                        entropies.append(entropy)
-                    task_part = tf.add_n(task_terms) / groups
-                    lbe_part = tf.add_n(lbe_terms) / groups
+                    outputs = [output for _, output in capture.records]
+                    units = [int(np.prod(output.shape[1:])) for output in outputs]
+                    # All layers' outputs as one [batch size, columns] tensor, layer after layer,
+                    # batch after batch: column (layer l, batch g, unit j) holds unit j of l over
+                    # the examples of the probe's batch g.
+                    columns = tf.concat([_by_batch(output, groups, group_size)
+                                         for output in outputs], axis=1)
+                    with tape.stop_recording():
+                        entropies = _batch_entropies(columns, units, groups, ddof)  # [G, L]
+                    task = tf.stack([model.compute_task_loss(
+                        None, y[g * group_size:(g + 1) * group_size],
+                        logits[g * group_size:(g + 1) * group_size]) for g in range(groups)])
+                    with tf.GradientTape() as by_entropy:
+                        by_entropy.watch(entropies)
+                        lbe = tf.stack([model._lbe_penalty(regularizers, entropies[g], valid)
+                                        for g in range(groups)])
+                        lbe_part = tf.reduce_mean(tf.stop_gradient(task) * lbe)
+                    task_part = tf.reduce_mean(tf.stop_gradient(1.0 + lbe) * task)
+                    # The LBE part's gradient goes through the library's entropy gradient, in
+                    # one call for all batches and layers (the pure-TF path costs a tf.cond per
+                    # tensor to trace: one per batch and layer took minutes at depth 100).
+                    # Column (l, g, j) is weighted so that d surrogate / d column =
+                    # d lbe_part / d H_gl * d H_gl / d column.
+                    weights = tf.stop_gradient(by_entropy.gradient(lbe_part, entropies))
+                    total = groups * sum(units)
+                    scale = tf.concat([tf.repeat(weights[:, l] * (total / u), u)
+                                       for l, u in enumerate(units)], axis=0)
+                    weighted = (tf.stop_gradient(columns)
+                                + (columns - tf.stop_gradient(columns)) * scale)
+                    surrogate = _loss.local_entropies([weighted], [ddof])[0]
+                    # The alphas' LBE gradient comes from lbe_part (the surrogate does not reach
+                    # them), the weights' from the surrogate (lbe_part does not reach them).
+                    lbe_target = surrogate + lbe_part
                 task_grads, lbe_grads = (
                     [tf.zeros(v.shape) if g is None else g
                      for v, g in zip(targets, tape.gradient(part, targets))]
-                    for part in (task_part, lbe_part))
-                return {"outputs": [output for _, output in records], "logits": logits,
-                        "entropy": tf.reduce_mean(tf.stack(entropies), axis=0),
+                    for part in (task_part, lbe_target))
+                return {"outputs": outputs, "logits": logits,
+                        "entropy": tf.reduce_mean(entropies, axis=0),
                         "task_part": task_part, "lbe_part": lbe_part,
                         "task_grads": task_grads, "lbe_grads": lbe_grads}
 

@@ -328,7 +328,8 @@ class LBEModel(keras.Model):
 
         entropies = valid = None
         if records:
-            lbe, entropies, valid = self._lbe_term(records)
+            entropies, valid = self._lbe_entropies(records)
+            lbe = self._lbe_penalty([regularizer for regularizer, _ in records], entropies, valid)
         else:
             if not self._lbe_warned_empty:
                 self._lbe_warned_empty = True
@@ -356,13 +357,11 @@ class LBEModel(keras.Model):
         self._lbe_update_trackers(x, task, lbe, records, entropies, valid, training)
         return total
 
-    def _lbe_term(self, records):
-        """(lbe, entropies [N], valid [N]) of one step's recorded (regularizer, output) pairs:
-        lbe is the mean of the layers' penalties, a layer whose batch has no variance (valid 0)
-        counting as 0."""
-        regularizers = [regularizer for regularizer, _ in records]
+    def _lbe_entropies(self, records):
+        """(entropies [N], valid [N]) of one step's recorded (regularizer, output) pairs; valid
+        is 0 for a layer whose batch has no variance."""
         tensors = [tensor for _, tensor in records]
-        ddofs = [regularizer.ddof for regularizer in regularizers]
+        ddofs = [regularizer.ddof for regularizer, _ in records]
         replica_context = tf.distribute.get_replica_context()
         if (self._lbe_cross_replica and replica_context is not None
                 and replica_context.num_replicas_in_sync > 1):
@@ -372,12 +371,16 @@ class LBEModel(keras.Model):
             entropies = _loss.local_entropies(tensors, ddofs)
             # The captured outputs of one step share the batch of the step.
             entropy_batch = tf.shape(tensors[0])[0]
-        valid = _loss.valid_mask(entropy_batch, ddofs)
+        return entropies, _loss.valid_mask(entropy_batch, ddofs)
+
+    def _lbe_penalty(self, regularizers, entropies, valid):
+        """lbe: the mean over the layers of the regularizers' penalties of their entropies, a
+        layer that is not valid counting as 0."""
         penalties = _loss.penalties(
             entropies, self._lbe_alpha_vector(regularizers),
             [regularizer.alpha_min for regularizer in regularizers],
             [regularizer.beta for regularizer in regularizers])
-        return tf.reduce_mean(penalties * valid), entropies, valid
+        return tf.reduce_mean(penalties * valid)
 
     def _lbe_update_trackers(self, x, task, lbe, records, entropies, valid, training):
         batch = self._lbe_batch_size(x)
