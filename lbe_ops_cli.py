@@ -202,8 +202,10 @@ def build_train_parser():
     return parser
 
 
-def parse_train_args(argv=None):
-    parser = build_train_parser()
+def parse_train_args(argv=None, parser=None):
+    """(parser, args): lbe-train's options, checked; `parser` may be build_train_parser()'s
+    with options added."""
+    parser = parser or build_train_parser()
     args = parser.parse_args(argv)
     if args.width is None:
         args.width = DEFAULT_WIDTH[args.arch]

@@ -195,8 +195,10 @@ def _make_selection_callback(keras, test_ds, has_validation):
     return HeldOut()
 
 
-def train_one(name, args, data, validation, initial_weights, quiet):
-    """Trains one run; returns its results.json entry."""
+def compiled_model(name, args, data, validation, initial_weights):
+    """The run's model as lbe-train trains it, and its data: (model, train, validation or None,
+    test). The network from `initial_weights`, wrapped (beta = 0 for the baseline), compiled
+    with Adam and the learning-rate schedule of the options."""
     import keras
     import tensorflow as tf
 
@@ -204,8 +206,6 @@ def train_one(name, args, data, validation, initial_weights, quiet):
 
     beta = args.beta if name == "lbe" else 0.0
     keras.utils.set_random_seed(args.seed)
-    started = time.perf_counter()
-    cpu_started = time.process_time()
     network = build_network(keras, args, data.image_shape, data.num_classes)
     network.set_weights(initial_weights)
     model = lbe_keras.wrap(network, alpha=args.alpha, alpha_min=args.alpha_min, beta=beta)
@@ -223,6 +223,20 @@ def train_one(name, args, data, validation, initial_weights, quiet):
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+    return model, train_ds, val_ds, test_ds
+
+
+def train_one(name, args, data, validation, initial_weights, quiet, callbacks=()):
+    """Trains one run; returns its results.json entry. `callbacks` run after lbe-train's own."""
+    import keras
+
+    import lbe_ops.keras as lbe_keras
+
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+    model, train_ds, val_ds, test_ds = compiled_model(name, args, data, validation,
+                                                      initial_weights)
+    beta = args.beta if name == "lbe" else 0.0
 
     # Epoch 0: the initialized network, before any step.
     initial = model.evaluate(test_ds, verbose=0, return_dict=True)
@@ -238,7 +252,8 @@ def train_one(name, args, data, validation, initial_weights, quiet):
     # The order matters: the logger reads the validation entropies before held_out's evaluate()
     # of the test set resets them, and progress prints held_out's test accuracy of the epoch.
     fit = model.fit(train_ds, epochs=args.epochs, validation_data=val_ds,
-                    callbacks=[logger, held_out, progress], shuffle=False, verbose=0)
+                    callbacks=[logger, held_out, progress, *callbacks], shuffle=False,
+                    verbose=0)
     logs = fit.history
 
     if held_out.best_weights is not None:
@@ -350,20 +365,23 @@ def _environment():
     }
 
 
-def default_out_dir():
+def default_out_dir(prefix="lbe-train"):
+    """A new folder name, prefix-<date>-<time>[-n], in the working directory."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = os.path.abspath(f"lbe-train-{stamp}")
+    path = os.path.abspath(f"{prefix}-{stamp}")
     suffix = 1
     while os.path.exists(path):
         suffix += 1
-        path = os.path.abspath(f"lbe-train-{stamp}-{suffix}")
+        path = os.path.abspath(f"{prefix}-{stamp}-{suffix}")
     return path
 
 
-def run(parser, args):
-    """Trains and reports, from parsed arguments; errors in the data go through parser.error."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# --------------------------------------------------------------------------------------------
+# What both runs share
 
+def load_data(parser, args):
+    """The data set of --data (scikit-learn's digits by default); errors go through
+    parser.error."""
     from lbe_ops import _data
     try:
         data = _data.load_npz(args.data) if args.data else _data.load_digits()
@@ -371,6 +389,57 @@ def run(parser, args):
         parser.error(str(exc))
     if args.arch == "cnn" and data.image_shape[0] < 3:
         parser.error(f"--arch cnn needs images; the data are {data.image_shape}")
+    return data
+
+
+def hold_out_validation(args, data):
+    """(training data, (x_val, y_val) or None): the --val-fraction split."""
+    from lbe_ops import _data
+    if args.val_fraction > 0:
+        return _data.split_validation(data, args.val_fraction)
+    return data, None
+
+
+def initial_weights(keras, args, data):
+    """The network's initial weights for --seed (both runs start from them)."""
+    keras.utils.set_random_seed(args.seed)
+    return build_network(keras, args, data.image_shape, data.num_classes).get_weights()
+
+
+def checked_backend(parser, args):
+    """backend_info() inside use_backend(args.backend); --backend op without a usable op is a
+    parser error."""
+    import lbe_ops
+    info = lbe_ops.backend_info()
+    if args.backend == "op" and info["backend"] != "op":
+        parser.error(f"--backend op: the compiled op cannot be used: {info['reason']}")
+    return info
+
+
+def run_config(args, data, validation, info):
+    """results.json's config: the options, the data and the backend (backend_info())."""
+    return {
+        "arch": args.arch, "depth": args.depth, "width": args.width, "init": args.init,
+        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "lr_decay": args.lr_decay, "lr_warmup": args.lr_warmup, "clip_norm": args.clip_norm,
+        "optimizer": "adamw" if args.weight_decay else "adam",
+        "weight_decay": args.weight_decay, "val_fraction": args.val_fraction,
+        "validation_examples": 0 if validation is None else len(validation[1]),
+        "alpha": args.alpha, "alpha_min": args.alpha_min,
+        "beta": args.beta, "ddof": 1, "seed": args.seed,
+        "loss": "CE + CE * mean_l beta*(H_l - max(alpha_min, |alpha_l|))^2; baseline: beta=0",
+        "data": data.name, "data_description": data.description,
+        "train_examples": len(data.x_train), "test_examples": len(data.x_test),
+        "input_shape": list(data.image_shape), "num_classes": data.num_classes,
+        "baseline": not args.no_baseline,
+        "backend": info["backend"], "backend_requested": args.backend,
+    }
+
+
+def run(parser, args):
+    """Trains and reports, from parsed arguments; errors in the data go through parser.error."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    data = load_data(parser, args)
 
     import keras
 
@@ -379,9 +448,7 @@ def run(parser, args):
 
     out_dir = os.path.abspath(args.out) if args.out else default_out_dir()
     with lbe_ops.use_backend(args.backend):
-        info = lbe_ops.backend_info()
-        if args.backend == "op" and info["backend"] != "op":
-            parser.error(f"--backend op: the compiled op cannot be used: {info['reason']}")
+        info = checked_backend(parser, args)
         print(f"lbe-train: batch entropy backend: {info['backend']}"
               + (f" ({info['reason']})" if info["reason"] else f" ({info['library']})"))
         print(f"data: {data.name}: {len(data.x_train)} train / {len(data.x_test)} test, "
@@ -399,38 +466,19 @@ def run(parser, args):
         os.makedirs(out_dir, exist_ok=True)
         print(f"output: {out_dir}", flush=True)
 
-        validation = None
-        if args.val_fraction > 0:
-            data, validation = _data.split_validation(data, args.val_fraction)
+        data, validation = hold_out_validation(args, data)
+        if validation is not None:
             print(f"validation: {len(validation[1])} of the training examples held out "
                   f"(fraction {args.val_fraction:g}); the reported weights are those of the "
                   "epoch with the best validation accuracy")
-        keras.utils.set_random_seed(args.seed)
-        initial_weights = build_network(keras, args, data.image_shape,
-                                        data.num_classes).get_weights()
-        config = {
-            "arch": args.arch, "depth": args.depth, "width": args.width, "init": args.init,
-            "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-            "lr_decay": args.lr_decay, "lr_warmup": args.lr_warmup, "clip_norm": args.clip_norm,
-            "optimizer": "adamw" if args.weight_decay else "adam",
-            "weight_decay": args.weight_decay, "val_fraction": args.val_fraction,
-            "validation_examples": 0 if validation is None else len(validation[1]), "alpha": args.alpha, "alpha_min": args.alpha_min,
-            "beta": args.beta, "ddof": 1, "seed": args.seed,
-            "loss": "CE + CE * mean_l beta*(H_l - max(alpha_min, |alpha_l|))^2; baseline: beta=0",
-            "data": data.name, "data_description": data.description,
-            "train_examples": len(data.x_train), "test_examples": len(data.x_test),
-            "input_shape": list(data.image_shape), "num_classes": data.num_classes,
-            "baseline": not args.no_baseline,
-            "backend": info["backend"], "backend_requested": args.backend,
-        }
-        results = {"version": RESULTS_VERSION, "config": config, "runs": {},
-                   "environment": _environment()}
+        weights = initial_weights(keras, args, data)
+        results = {"version": RESULTS_VERSION, "config": run_config(args, data, validation, info),
+                   "runs": {}, "environment": _environment()}
         names = ["lbe"] if args.no_baseline else ["lbe", "baseline"]
         started = time.perf_counter()
         for i, name in enumerate(names):
             print(f"\n[{i + 1}/{len(names)}]", end=" ")
-            results["runs"][name] = train_one(name, args, data, validation, initial_weights,
-                                              args.quiet)
+            results["runs"][name] = train_one(name, args, data, validation, weights, args.quiet)
         results["total_wall_time_s"] = round(time.perf_counter() - started, 2)
 
     results_path = os.path.join(out_dir, "results.json")

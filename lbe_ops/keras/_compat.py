@@ -229,11 +229,25 @@ def builds_from(choose_batch):
 
 
 def train_tf_functions(model):
-    """The tf.functions behind model.train_function (empty before the first fit()).
+    """The tf.functions behind model.train_function (empty before the first fit() or
+    train_on_batch()).
 
-    Works around: Keras 3's TensorFlow trainer wraps its tf.function in a plain Python function,
-    which holds it only in its closure. Public replacement: none.
+    Works around: Keras 3's TensorFlow trainer wraps its tf.function in plain Python functions,
+    which hold it only in their closures (fit() one level down, train_on_batch() two). Public
+    replacement: none.
     """
-    cells = model.train_function.__closure__ or ()
-    return [cell.cell_contents for cell in cells
-            if isinstance(cell.cell_contents, tf.types.experimental.PolymorphicFunction)]
+    return _closure_tf_functions(model.train_function, depth=2)
+
+
+def _closure_tf_functions(function, depth):
+    found = []
+    for cell in getattr(function, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # a cell not filled yet
+            continue
+        if isinstance(value, tf.types.experimental.PolymorphicFunction):
+            found.append(value)
+        elif depth > 0 and callable(value):
+            found += _closure_tf_functions(value, depth - 1)
+    return found

@@ -33,8 +33,15 @@ def lbe_of(records, alpha_vector, cross_replica):
     under a strategy with several replicas, the entropies of the global batch.
     """
     regularizers = [regularizer for regularizer, _ in records]
+    entropies, valid = entropies_of(records, cross_replica)
+    return penalty(regularizers, entropies, valid, alpha_vector), entropies, valid
+
+
+def entropies_of(records, cross_replica):
+    """(entropies [N], valid [N]) of the records' outputs; valid is 0 for a layer whose batch
+    is too small for a variance."""
     tensors = [tensor for _, tensor in records]
-    ddofs = [regularizer.ddof for regularizer in regularizers]
+    ddofs = [regularizer.ddof for regularizer, _ in records]
     replica_context = tf.distribute.get_replica_context()
     if cross_replica and replica_context is not None and replica_context.num_replicas_in_sync > 1:
         entropies, entropy_batch = _loss.cross_replica_entropies(tensors, ddofs, replica_context)
@@ -42,12 +49,17 @@ def lbe_of(records, alpha_vector, cross_replica):
         entropies = _loss.local_entropies(tensors, ddofs)
         # The captured outputs of one step share the batch of the step.
         entropy_batch = tf.shape(tensors[0])[0]
-    valid = _loss.valid_mask(entropy_batch, ddofs)
+    return entropies, _loss.valid_mask(entropy_batch, ddofs)
+
+
+def penalty(regularizers, entropies, valid, alpha_vector):
+    """lbe: the mean over the layers of the regularizers' penalties of their entropies, a layer
+    that is not valid counting as 0."""
     penalties = _loss.penalties(
         entropies, alpha_vector(regularizers),
         [regularizer.alpha_min for regularizer in regularizers],
         [regularizer.beta for regularizer in regularizers])
-    return tf.reduce_mean(penalties * valid), entropies, valid
+    return tf.reduce_mean(penalties * valid)
 
 
 def combine(task, lbe, additive):
