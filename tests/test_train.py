@@ -292,3 +292,24 @@ def test_sweep_script_runs_seeds_and_backends_side_by_side(tmp_path, capsys, mon
     assert result["lbe_runs"] == 2 and result["baseline_runs"] == 1
     assert 0.0 <= result["lbe_min"] <= result["lbe_median"] <= result["lbe_max"] <= 1.0
     assert (out / "summary.md").read_text().startswith("| seed |")
+
+
+def test_summary_says_when_the_lbe_run_ends_below_the_documented_result():
+    from lbe_ops_cli import parse_train_args
+
+    def results(accuracy):
+        return {"runs": {"lbe": {"final_test_accuracy": accuracy},
+                         "baseline": {"final_test_accuracy": 0.1}}}
+
+    _, defaults = parse_train_args(["--seed", "4"])
+    low = train.EXPECTED_LBE_ACCURACY - 0.1
+    note = train.below_expectation(defaults, results(low))
+    assert f"{low:.3f}" in note and "the defaults" in note and "docs/training.md" in note
+    assert train.below_expectation(defaults, results(train.EXPECTED_LBE_ACCURACY)) is None
+
+    _, changed = parse_train_args(["--depth", "50", "--width", "64"])
+    note = train.below_expectation(changed, results(low))
+    assert "--depth, --width" in note
+    _, cnn = parse_train_args(["--arch", "cnn"])  # its own default width is not a change
+    assert "(--arch)" in train.below_expectation(cnn, results(low))
+    assert train.below_expectation(defaults, {"runs": {"baseline": {}}}) is None
