@@ -7,8 +7,8 @@
     python3 benchmarks/gpu_check.py --dry-run    # no GPU: the same checks on the kernels' host
                                                  # emulation, tiny shapes, no timings
 
-1. Correctness (tests/cuda_checks.py, also run by pytest as tests/test_gpu.py): CUDA forward and
-   backward against the float64 reference (tests/reference64.py) over many shapes (tall
+1. Correctness (tests/support/cuda_checks.py, also run by pytest as tests/test_gpu.py): CUDA forward and
+   backward against the float64 reference (tests/support/reference64.py) over many shapes (tall
    [65536, 64] and wide [32, 1000000] included) and all four dtypes; outputs are filled with NaN
    first, so an element the kernels never wrote fails the check; every case runs twice and must
    give the same bits; groups of tensors (inline descriptors, a descriptor table, an unaligned
@@ -37,7 +37,8 @@ import traceback
 import numpy as np
 
 # The correctness checks and the float64 reference live with the tests; both need numpy only.
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests",
+                                "support"))
 from cuda_checks import (ALL_DTYPES, CHECK_SHAPES, EMULATION_SHAPES, SMOKE_SHAPES,  # noqa: E402
                          EmulatedDevice, TorchDevice, failure_summary, run_checks)
 

@@ -2,9 +2,13 @@
 
 The suite tests the compiled op: unless LBE_OPS_ALLOW_FALLBACK=1 is set, it stops at once when
 lbe_ops cannot load its op library (a run that silently fell back to pure TF does not count).
+
+The tests are filed by concern (ops/, keras/, packaging/, commands/); what they share lives in
+support/, which is put on the path here: tests import its modules by name (`import reference64`).
 """
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +17,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Subprocesses started by tests (`python -c ...` from the repository root) must import the
 # installed lbe_ops, not the source tree in the working directory, which has no compiled op.
 os.environ["PYTHONSAFEPATH"] = "1"
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "support"))
 
 import lbe_ops  # noqa: E402
 
@@ -32,12 +38,6 @@ def pytest_sessionstart(session):
         pytest.exit(f"lbe_ops is not using its compiled op ({info['reason']}); install the package "
                     "(pip install .) or set LBE_OPS_ALLOW_FALLBACK=1", returncode=3)
 
-
-# The float64 numpy reference (tests/reference64.py), under the names the tests import from here.
-from reference64 import PI_E  # noqa: E402,F401
-from reference64 import entropy as np_entropy  # noqa: E402,F401
-from reference64 import entropy_grad as np_entropy_grad  # noqa: E402,F401
-from reference64 import moments as np_moments  # noqa: E402,F401
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """LBEModel under tf.distribute.MirroredStrategy with two logical CPU devices.
 
-The strategy runs in a fresh process (keras_distributed_helper.py): logical devices can only be
+The strategy runs in a fresh process (support/keras_distributed_helper.py): logical devices can only be
 configured before TensorFlow initialises, which this test process has already done.
 """
 
@@ -20,7 +20,7 @@ REPO = os.path.dirname(HERE)
 def run():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
                PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-    result = subprocess.run([sys.executable, os.path.join(HERE, "keras_distributed_helper.py")],
+    result = subprocess.run([sys.executable, os.path.join(HERE, "support", "keras_distributed_helper.py")],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])

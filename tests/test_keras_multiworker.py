@@ -1,7 +1,7 @@
 """LBE training under tf.distribute.MultiWorkerMirroredStrategy with two real worker processes.
 
-Each worker runs keras_multiworker_helper.py with TF_CONFIG naming a cluster of two workers on
-127.0.0.1 (free ports); a third process trains the same models without a strategy on the same
+Each worker runs support/keras_multiworker_helper.py with TF_CONFIG naming a cluster of two workers
+on 127.0.0.1 (free ports); a third process trains the same models without a strategy on the same
 global batches. Every process a test starts is killed when the test ends, also when it fails.
 """
 
@@ -18,7 +18,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-HELPER = os.path.join(HERE, "keras_multiworker_helper.py")
+HELPER = os.path.join(HERE, "support", "keras_multiworker_helper.py")
 # A bound on each group of processes, far above what they need: a worker that waits forever for
 # a dead peer fails the test instead of hanging it.
 LIMIT_SECONDS = 300

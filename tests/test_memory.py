@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import lbe_ops
-from conftest import PI_E
+from reference64 import PI_E
 
 
 def test_no_memory_growth_over_10000_calls():

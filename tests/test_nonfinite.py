@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 import lbe_ops
-from conftest import PI_E, np_moments
+from reference64 import PI_E, moments as np_moments
 
 DTYPES = [tf.float16, tf.bfloat16, tf.float32, tf.float64]
 

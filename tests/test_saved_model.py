@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import lbe_ops
-from conftest import PI_E, np_moments
+from reference64 import PI_E, moments as np_moments
 from fresh_process import last_json_line, run_python
 
 

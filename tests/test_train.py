@@ -8,19 +8,9 @@ import pytest
 
 from lbe_ops import train
 from lbe_ops_cli import DEFAULTS, train_main
+from pngs import check_png
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = ["--depth", "3", "--width", "8", "--epochs", "2", "--quiet"]
-
-
-def _check_png(path):
-    import matplotlib.image
-
-    with open(path, "rb") as f:
-        assert f.read(8) == PNG_SIGNATURE, f"{path} is not a PNG"
-    image = matplotlib.image.imread(path)
-    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
-    assert float(np.ptp(image)) > 0, f"{path} is blank"
 
 
 def _check_run(run, epochs, depth, beta, validated=True):
@@ -90,7 +80,7 @@ def test_digits_end_to_end(tmp_path, capsys):
     assert lbe["train_loss"][-1] == pytest.approx(
         lbe["train_task_loss"][-1] * (1 + lbe["train_lbe"][-1]), rel=0.05)
     for name in ("curves.png", "layer_entropy.png"):
-        _check_png(out / name)
+        check_png(out / name)
 
 
 def _write_npz(path, image_shape=(6, 6), train_count=41, test_count=17, classes=3):
@@ -126,7 +116,7 @@ def test_npz_data_and_default_out_dir(tmp_path, monkeypatch, capsys, arch):
     _check_run(results["runs"]["lbe"], epochs=2, depth=2, beta=DEFAULTS["beta"],
                validated=validated)
     for name in ("curves.png", "layer_entropy.png"):
-        _check_png(outs[0] / name)
+        check_png(outs[0] / name)
 
 
 def _error(capsys, argv):

@@ -10,7 +10,7 @@ import pytest
 
 import lbe_ops
 from lbe_ops_cli import train_main
-from test_train import _check_png
+from pngs import check_png
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), os.pardir, "scripts")
 TINY = ["--depth", "3", "--width", "8", "--quiet"]
@@ -67,7 +67,7 @@ def test_diagnose_records_each_quantity_and_trains_as_lbe_train(tmp_path, capsys
         assert all((v is not None) == moved for v in layers["entropy_train"])
     assert set(result["definitions"]) >= {"effective_rank", "grad_task_*", "adam_step_*"}
     for name in ("diag_layers.png", "diag_epochs.png"):
-        _check_png(out / name)
+        check_png(out / name)
 
     # The measurements change nothing: lbe-train's LBE run, step for step.
     reference = tmp_path / "lbe-train"
@@ -102,7 +102,7 @@ def test_compare_paths_in_lockstep(tmp_path, capsys):
     assert [a["at"] for a in result["test_accuracy"]] == ["epoch end"] * 2
     for checkpoint in result["checkpoints"]:
         assert len(checkpoint["weight_rel"]) == len(checkpoint["update_rel"]) == 9
-    _check_png(out / "comparison.png")
+    check_png(out / "comparison.png")
 
     # Model A is lbe-train's run through the op: the same batches, step for step.
     reference = tmp_path / "lbe-train"
