@@ -7,12 +7,12 @@
     python3 benchmarks/gpu_check.py --dry-run    # no GPU: the same checks on the kernels' host
                                                  # emulation, tiny shapes, no timings
 
-1. Correctness (tests/support/cuda_checks.py, also run by pytest as tests/test_gpu.py): CUDA forward and
-   backward against the float64 reference (tests/support/reference64.py) over many shapes (tall
-   [65536, 64] and wide [32, 1000000] included) and all four dtypes; outputs are filled with NaN
-   first, so an element the kernels never wrote fails the check; every case runs twice and must
-   give the same bits; groups of tensors (inline descriptors, a descriptor table, an unaligned
-   member) too.
+1. Correctness (tests/support/cuda_checks.py, also run by pytest as tests/ops/test_gpu.py): CUDA
+   forward and backward against the float64 reference (tests/support/reference64.py) over many
+   shapes (tall [65536, 64] and wide [32, 1000000] included) and all four dtypes; outputs are
+   filled with NaN first, so an element the kernels never wrote fails the check; every case runs
+   twice and must give the same bits; groups of tensors (inline descriptors, a descriptor table,
+   an unaligned member) too.
 2. Timing (CUDA events, warm-up, median of repetitions, inputs rotated through more than 3x the L2
    so no timing is an L2 hit): forward+backward against (a) PyTorch's composition of the paper's
    formula (torch.std -> log -> mean, and its backward through autograd) and (b) a device-to-device

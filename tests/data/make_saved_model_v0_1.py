@@ -1,5 +1,5 @@
 """Writes tests/data/saved_model_v0_1: a SavedModel holding the Lbe> ops as lbe-ops 0.1.0 wrote
-them (three forward outputs, six gradient inputs), for tests/test_saved_model.py.
+them (three forward outputs, six gradient inputs), for tests/packaging/test_saved_model.py.
 
 Run with lbe-ops 0.1.0 (commit a447151) importable, from the repository root:
 

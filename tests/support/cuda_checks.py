@@ -1,6 +1,6 @@
 """Correctness checks of the CUDA kernels of lbe_ops._core against the float64 reference
-(reference64): shared by tests/test_gpu.py (pytest, on a GPU) and benchmarks/gpu_check.py (a GPU
-machine without TensorFlow). Needs numpy, and PyTorch for the device (ml_dtypes for the host
+(reference64): shared by tests/ops/test_gpu.py (pytest, on a GPU) and benchmarks/gpu_check.py (a
+GPU machine without TensorFlow). Needs numpy, and PyTorch for the device (ml_dtypes for the host
 emulation); never TensorFlow.
 
 A check runs one grouped forward and backward twice: outputs are filled with NaN first, so an

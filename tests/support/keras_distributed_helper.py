@@ -1,7 +1,7 @@
 """Runs LBEModel under tf.distribute.MirroredStrategy on two logical CPU devices.
 
-Run by test_keras_distributed.py in a fresh process (logical devices must be configured before
-TensorFlow initialises). Prints one JSON line with what the test checks.
+Run by tests/keras/test_keras_distributed.py in a fresh process (logical devices must be
+configured before TensorFlow initialises). Prints one JSON line with what the test checks.
 """
 
 import json

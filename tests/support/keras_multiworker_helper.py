@@ -1,9 +1,9 @@
 """One worker of a tf.distribute.MultiWorkerMirroredStrategy cluster training a wrapped model.
 
-Started by test_keras_multiworker.py: one process per worker, with TF_CONFIG naming the cluster
-on 127.0.0.1; or with `--single` as one process without a strategy, which trains the same models
-on the same global batches (the reference for cross_replica=True). Writes one JSON file (the
-path in --out) with what the test checks.
+Started by tests/keras/test_keras_multiworker.py: one process per worker, with TF_CONFIG naming
+the cluster on 127.0.0.1; or with `--single` as one process without a strategy, which trains the
+same models on the same global batches (the reference for cross_replica=True). Writes one JSON
+file (the path in --out) with what the test checks.
 
     --die-after N   the worker with index --die-worker exits abruptly after N training steps
                     (counted over epochs); the other records how its training ends (the

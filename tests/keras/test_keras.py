@@ -26,7 +26,7 @@ from lbe_ops.keras import regularizer as lk_regularizer
 from reference64 import PI_E, entropy as np_entropy
 
 CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ---- helpers -------------------------------------------------------------------------------

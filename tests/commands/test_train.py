@@ -258,9 +258,10 @@ def test_sweep_script_runs_seeds_and_backends_side_by_side(tmp_path, capsys, mon
     import importlib.util
 
     monkeypatch.delenv("PYTHONSAFEPATH", raising=False)
-    monkeypatch.chdir(os.path.join(os.path.dirname(__file__), os.pardir))
+    monkeypatch.chdir(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir))
 
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "sweep_train.py")
+    path = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "scripts",
+                        "sweep_train.py")
     spec = importlib.util.spec_from_file_location("sweep_train", path)
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)

@@ -136,7 +136,8 @@ LOAD_V0_1 = """
 def test_saved_model_of_the_first_op_interface_loads_and_runs():
     """tests/data/saved_model_v0_1 holds the ops as lbe-ops 0.1.0 wrote them (three forward outputs,
     six gradient inputs, no num_residuals attribute): it loads, runs, and differentiates."""
-    path = os.path.join(os.path.dirname(__file__), "data", "saved_model_v0_1")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
+                        "saved_model_v0_1")
     out = last_json_line(run_python(LOAD_V0_1, path))
     x = (np.random.default_rng(5).standard_normal((9, 5)) * 3 + 2).astype(np.float32)
     x64 = x.astype(np.float64)

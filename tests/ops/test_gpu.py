@@ -1,9 +1,9 @@
 """The CUDA kernels of lbe_ops._core on a GPU; skipped without one.
 
-- the correctness checks of benchmarks/gpu_check.py (tests/cuda_checks.py): forward and backward
-  against the float64 reference over many shapes (tall and wide included) and all four dtypes,
-  NaN-poisoned outputs, two runs bit-identical, groups with an unaligned member. On a device
-  they need PyTorch (the arrays the kernels see); the same checks also run on the CUDA kernels'
+- the correctness checks of benchmarks/gpu_check.py (tests/support/cuda_checks.py): forward and
+  backward against the float64 reference over many shapes (tall and wide included) and all four
+  dtypes, NaN-poisoned outputs, two runs bit-identical, groups with an unaligned member. On a
+  device they need PyTorch (the arrays the kernels see); the same checks also run on the CUDA kernels'
   host emulation, on any machine, so that the checks themselves are exercised everywhere;
 - the binding's errors for host arrays and bad shapes on a device (CuPy or PyTorch).
 """

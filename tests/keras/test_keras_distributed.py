@@ -12,15 +12,16 @@ import sys
 import numpy as np
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(TESTS)
 
 
 @pytest.fixture(scope="module")
 def run():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
                PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-    result = subprocess.run([sys.executable, os.path.join(HERE, "support", "keras_distributed_helper.py")],
+    helper = os.path.join(TESTS, "support", "keras_distributed_helper.py")
+    result = subprocess.run([sys.executable, helper],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])

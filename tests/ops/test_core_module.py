@@ -5,7 +5,7 @@
 - the CUDA kernels' own code run on the CPU by the host emulation (_emulate_cuda_*), which checks
   every memory access and barrier: the GPU code's indexing, tiling, batch splits and merges are
   tested on machines without a GPU;
-- the CUDA functions on a real device: tests/test_gpu.py.
+- the CUDA functions on a real device: tests/ops/test_gpu.py.
 """
 
 import numpy as np

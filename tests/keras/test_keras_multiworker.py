@@ -16,9 +16,9 @@ import time
 import numpy as np
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-HELPER = os.path.join(HERE, "support", "keras_multiworker_helper.py")
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(TESTS)
+HELPER = os.path.join(TESTS, "support", "keras_multiworker_helper.py")
 # A bound on each group of processes, far above what they need: a worker that waits forever for
 # a dead peer fails the test instead of hanging it.
 LIMIT_SECONDS = 300

@@ -12,7 +12,7 @@ import lbe_ops
 from lbe_ops_cli import train_main
 from pngs import check_png
 
-SCRIPTS = os.path.join(os.path.dirname(__file__), os.pardir, "scripts")
+SCRIPTS = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "scripts")
 TINY = ["--depth", "3", "--width", "8", "--quiet"]
 
 pytestmark = pytest.mark.skipif(lbe_ops.backend_info()["backend"] != "op",
