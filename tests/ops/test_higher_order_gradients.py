@@ -1,10 +1,9 @@
-"""The op API's edges: a small batch under XLA, second-order gradients, wrong argument kinds.
+"""Second- and third-order gradients.
 
-A batch <= ddof without allow_small_batch is an error where one can be raised (see
-test_small_batch.py); under XLA, which compiles assertions away, it is NaN on purpose. Second
-order through the op path goes through the gradient ops' registered gradients: checked here
+Second order through the op path goes through the gradient ops' registered gradients: checked here
 against numeric differentiation of the gradient ops themselves, against the pure-TF path's
 Hessian-vector products and against central differences of the float64 first-order gradient.
+(First-order values and gradients: test_values.py.)
 """
 
 import numpy as np
@@ -12,16 +11,11 @@ import pytest
 import tensorflow as tf
 
 import lbe_ops
-from reference64 import entropy as np_entropy
-from reference64 import entropy_grad as np_entropy_grad
-from reference64 import moments as np_moments
 from lbe_ops import _loader
-from op_checks import ENTROPY_RTOL, GRAD_RTOL, assert_grad_close, make_input
+from op_checks import make_input
+from reference64 import entropy_grad as np_entropy_grad
 
 BACKENDS = ["op", "tf"]
-# (ddof, batch) with batch <= ddof.
-SMALL = [(1, 0), (1, 1), (2, 0), (2, 1), (2, 2)]
-UNITS = 4
 
 
 def _id(value):
@@ -30,58 +24,6 @@ def _id(value):
 
 def _f64(t):
     return tf.cast(t, tf.float64).numpy()
-
-
-# ---- a batch too small for a variance, under XLA ---------------------------------------------
-
-def _moments_and_group(ddof):
-    def step(x, y):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            h, mean, variance = lbe_ops.batch_entropy_moments(x, ddof=ddof)
-        hs = lbe_ops.batch_entropies([y, x], ddof=ddof)
-        return h, mean, variance, tape.gradient(h, x), hs
-    return step
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [tf.float16, tf.float32, tf.float64], ids=_id)
-@pytest.mark.parametrize("ddof, batch", SMALL)
-def test_dynamic_small_batch_raises_outside_xla_and_is_nan_inside(rng, backend, dtype, ddof,
-                                                                   batch):
-    """One function, two compilations: graph mode raises, XLA gives NaN entropy and variance
-    (and gradient) for every batch <= ddof, and the mean of the batch; a batch large enough for
-    a variance, fed to the same compiled function, matches the float64 reference."""
-    signature = [tf.TensorSpec([None, UNITS], dtype)] * 2
-    step = _moments_and_group(ddof)
-    graph_fn = tf.function(step, input_signature=signature)
-    xla_fn = tf.function(step, input_signature=signature, jit_compile=True)
-    x, x64 = make_input(rng, (batch, UNITS), dtype)
-    y, y64 = make_input(rng, (ddof + 3, UNITS), dtype)
-
-    with lbe_ops.use_backend(backend):
-        with pytest.raises(tf.errors.InvalidArgumentError,
-                           match=f"needs a batch of at least {ddof + 1}"):
-            graph_fn(x, y)
-        h, mean, variance, grad, hs = xla_fn(x, y)
-    assert h.dtype == dtype and np.isnan(_f64(h))
-    assert variance.shape == (UNITS,) and np.all(np.isnan(variance.numpy()))
-    if batch:
-        np.testing.assert_allclose(mean.numpy(), x64.mean(axis=0), rtol=1e-6, atol=1e-6)
-        assert grad.shape == x.shape and np.all(np.isnan(_f64(grad)))
-    else:
-        assert np.all(np.isnan(mean.numpy()))
-    assert hs.dtype == dtype and np.isnan(_f64(hs[1]))
-    np.testing.assert_allclose(_f64(hs[0]), np_entropy(y64, ddof), rtol=ENTROPY_RTOL[dtype])
-
-    x, x64 = make_input(rng, (ddof + 2, UNITS), dtype)
-    with lbe_ops.use_backend(backend):
-        h, mean, variance, grad, hs = xla_fn(x, y)
-    ref_h, ref_mean, ref_variance = np_moments(x64, ddof)
-    np.testing.assert_allclose(_f64(h), ref_h, rtol=ENTROPY_RTOL[dtype])
-    np.testing.assert_allclose(variance.numpy(), ref_variance, rtol=1e-5)
-    np.testing.assert_allclose(_f64(hs), [np_entropy(y64, ddof), ref_h], rtol=ENTROPY_RTOL[dtype])
-    assert_grad_close(grad, np_entropy_grad(x64, ddof), GRAD_RTOL[dtype], x64)
 
 
 # ---- second-order gradients -------------------------------------------------------------------
@@ -323,82 +265,3 @@ def test_third_order_is_available_on_the_op_path(rng):
             results.append(third.gradient(hv, x).numpy())
     np.testing.assert_allclose(results[0], results[1], rtol=0,
                                atol=1e-10 * np.abs(results[1]).max())
-
-
-# ---- argument kinds ---------------------------------------------------------------------------
-
-def _ragged():
-    return tf.RaggedTensor.from_row_lengths(tf.range(10, dtype=tf.float32), [4, 1, 5])
-
-
-def _sparse():
-    return tf.sparse.from_dense(tf.eye(300))
-
-
-def _single_callers():
-    return {"batch_entropy": lbe_ops.batch_entropy,
-            "batch_entropy_moments": lbe_ops.batch_entropy_moments,
-            "reference.batch_entropy": lbe_ops.reference.batch_entropy}
-
-
-def _group_callers():
-    return {"batch_entropies": lbe_ops.batch_entropies,
-            "reference.batch_entropies": lbe_ops.reference.batch_entropies}
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["list of tensors", "tuple of arrays", "list of variables",
-                                  "nested list of tensors"])
-def test_a_list_of_tensors_points_at_batch_entropies(rng, backend, kind):
-    a = rng.standard_normal((4, 3)).astype(np.float32)
-    b = rng.standard_normal((4, 3)).astype(np.float32)
-    value = {"list of tensors": [tf.constant(a), tf.constant(b)],
-             "tuple of arrays": (a, b),
-             "list of variables": [tf.Variable(a), tf.Variable(b)],
-             "nested list of tensors": [[tf.constant(a[0])], [tf.constant(b[0])]]}[kind]
-    with lbe_ops.use_backend(backend):
-        for fn in _single_callers().values():
-            with pytest.raises(TypeError, match=r"^x is a (list|tuple) of tensors or arrays.*"
-                                                r"lbe_ops\.batch_entropies"):
-                fn(value)
-        for fn in _group_callers().values():
-            with pytest.raises(TypeError, match=r"^xs\[1\] is a (list|tuple) of tensors"):
-                fn([a, value])
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_nested_lists_of_numbers_are_still_an_array(rng, backend):
-    data = rng.standard_normal((6, 3))
-    with lbe_ops.use_backend(backend):
-        h = lbe_ops.batch_entropy(data.tolist())
-        hs = lbe_ops.batch_entropies([data.tolist(), data.astype(np.float32)])
-    assert h.dtype == tf.float32 and hs.dtype == tf.float32  # as tf.constant(list) gives
-    np.testing.assert_allclose(float(h), np_entropy(data.astype(np.float32)), rtol=2e-5)
-    np.testing.assert_allclose(hs.numpy(), [float(h)] * 2, rtol=1e-6)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("make, kind, advice", [
-    (_ragged, "tf.RaggedTensor", r"\.to_tensor\(\)"),
-    (_sparse, "tf.SparseTensor", r"tf\.sparse\.to_dense\("),
-], ids=["ragged", "sparse"])
-def test_ragged_and_sparse_inputs_get_an_error_naming_the_argument(backend, make, kind, advice):
-    value = make()
-    accepted = r"a dense float tensor \[batch, units\.\.\.\]"
-    with lbe_ops.use_backend(backend):
-        for fn in _single_callers().values():
-            with pytest.raises(TypeError, match=rf"^x is a {kind}") as info:
-                fn(value)
-            assert len(str(info.value)) < 400  # names the tensor, does not print it
-        for fn in _group_callers().values():
-            with pytest.raises(TypeError, match=rf"^xs\[1\] is a {kind}.*{accepted}.*{advice}"):
-                fn([tf.ones([4, 3]), value])
-            with pytest.raises(TypeError, match=rf"^xs must be a list or tuple of tensors, got "
-                                                rf"{kind.split('.')[1]}$"):
-                fn(value)
-
-
-def test_batch_entropies_of_one_tensor_points_at_batch_entropy():
-    with pytest.raises(TypeError, match=r"got EagerTensor; for the entropy of one tensor use "
-                                        r"lbe_ops\.batch_entropy\(x\)"):
-        lbe_ops.batch_entropies(tf.ones([4, 3]))

@@ -1,13 +1,20 @@
-"""NaN and Inf in the input: how they propagate, the same on both backends (docs/numerics.md)."""
+"""NaN and Inf in the input: how they propagate, the same on both backends and in the core
+kernels (docs/numerics.md): a unit's mean, variance and gradient column, the entropy, the other
+units' statistics and gradients; and finite inputs whose variance overflows the statistics type.
+"""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import lbe_ops
-from reference64 import PI_E, moments as np_moments
+from lbe_ops import _core
+from op_checks import moments_and_grad
+from reference64 import PI_E
+from reference64 import moments as np_moments
 
 DTYPES = [tf.float16, tf.bfloat16, tf.float32, tf.float64]
+BACKENDS = ["op", "tf"]
 
 
 def poisoned(dtype, case):
@@ -29,7 +36,7 @@ def poisoned(dtype, case):
     return tf.cast(tf.constant(data), dtype)
 
 
-def moments_and_grad(x, backend):
+def moments_and_entropy_grad(x, backend):
     with lbe_ops.use_backend(backend), tf.GradientTape() as tape:
         tape.watch(x)
         h, mean, var = lbe_ops.batch_entropy_moments(x)
@@ -87,8 +94,8 @@ def test_nan_and_inf_propagate_the_same_on_both_backends(dtype, case):
     wide path); the other units' gradients stay finite and correct. The op and the
     pure-TensorFlow path agree on all of it (the mean: see below)."""
     x = poisoned(dtype, case)
-    h_op, mean_op, var_op, g_op = moments_and_grad(x, "op")
-    h_tf, mean_tf, var_tf, g_tf = moments_and_grad(x, "tf")
+    h_op, mean_op, var_op, g_op = moments_and_entropy_grad(x, "op")
+    h_tf, mean_tf, var_tf, g_tf = moments_and_entropy_grad(x, "tf")
 
     assert kind(h_op) == kind(h_tf)
     np.testing.assert_array_equal(kind(var_op), kind(var_tf))
@@ -121,13 +128,6 @@ def test_nan_and_inf_propagate_the_same_on_both_backends(dtype, case):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
-def test_nan_mean_output(dtype):
-    """The mean output of a unit holding a NaN is NaN on both backends."""
-    x = poisoned(dtype, "nan")
-    assert np.isnan(moments_and_grad(x, "op")[1][1]) and np.isnan(moments_and_grad(x, "tf")[1][1])
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
 @pytest.mark.parametrize("case", ["+inf", "-inf", "+inf,-inf", "overflow"])
 def test_inf_mean_output_matches_the_fallback(dtype, case):
     """+-Inf in a unit: its mean is +-Inf (NaN with both signs) on both backends; an overflowing
@@ -135,7 +135,8 @@ def test_inf_mean_output_matches_the_fallback(dtype, case):
     if case == "overflow" and dtype == tf.float16:
         pytest.skip("float16 inputs cannot overflow their float32 statistics")
     x = poisoned(dtype, case)
-    mean_op, mean_tf = moments_and_grad(x, "op")[1], moments_and_grad(x, "tf")[1]
+    mean_op = moments_and_entropy_grad(x, "op")[1]
+    mean_tf = moments_and_entropy_grad(x, "tf")[1]
     np.testing.assert_array_equal(kind(mean_op), kind(mean_tf))
     expected = {"+inf": "+inf", "-inf": "-inf", "+inf,-inf": "nan", "overflow": "finite"}[case]
     assert kind(mean_op)[1] == expected
@@ -159,3 +160,56 @@ def test_nan_in_one_tensor_of_a_group_stays_in_its_entry(backend):
     assert np.all(np.isfinite(grads[0].numpy())) and np.all(np.isfinite(grads[2].numpy()))
     assert np.all(np.isnan(grads[1].numpy()[:, 2]))
     assert np.all(np.isfinite(np.delete(grads[1].numpy(), 2, axis=1)))
+
+
+# ---- the poisoned unit's mean and variance, the clean units' statistics, the core kernels -----
+
+def poisoned_rows(dtype, values, batch=40):
+    """[batch, 4] activations with unit 1's rows 0 and 5 replaced by `values` (row 0 is the pivot).
+    A batch of 10 is one chunk of the CPU kernels, 40 several."""
+    data = np.random.default_rng(3).standard_normal((batch, 4)) + 2.0
+    data[0, 1], data[5, 1] = values
+    return tf.cast(tf.constant(data), dtype)
+
+
+INF_CASES = {  # (row 0, row 5) of unit 1 -> the unit's mean
+    "+inf in row 5": ((1.0, np.inf), np.inf),
+    "-inf in row 5": ((1.0, -np.inf), -np.inf),
+    "+inf in row 0 (the pivot)": ((np.inf, 1.0), np.inf),
+    "-inf in both": ((-np.inf, -np.inf), -np.inf),
+    "+inf and -inf": ((np.inf, -np.inf), np.nan),
+    "nan": ((1.0, np.nan), np.nan),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16, tf.float32, tf.float64],
+                         ids=lambda d: d.name)
+@pytest.mark.parametrize("case", list(INF_CASES))
+@pytest.mark.parametrize("batch", [10, 40])
+def test_inf_and_nan_input(backend, dtype, case, batch):
+    values, expected_mean = INF_CASES[case]
+    x = poisoned_rows(dtype, values, batch)
+    h, mean, var, grad = moments_and_grad(x, backend)
+    np.testing.assert_array_equal(mean[1], expected_mean)  # equal_nan: NaN matches NaN
+    assert np.isnan(var[1]) and np.isnan(h) and np.all(np.isnan(grad[:, 1]))
+    clean = [0, 2, 3]
+    x64 = tf.cast(x, tf.float64).numpy()[:, clean]
+    _, mean_ref, var_ref = np_moments(x64)
+    rtol = {tf.float16: 1e-6, tf.bfloat16: 1e-6, tf.float32: 1e-6, tf.float64: 1e-13}[dtype]
+    np.testing.assert_allclose(mean[clean], mean_ref, rtol=rtol)
+    np.testing.assert_allclose(var[clean], var_ref, rtol=rtol)
+    assert np.all(np.isfinite(grad[:, clean]))
+
+
+@pytest.mark.parametrize("kernel", ["cpu", "cuda_emulation"])
+@pytest.mark.parametrize("batch", [10, 40])
+def test_core_inf_mean(kernel, batch):
+    x = np.stack([poisoned_rows(tf.float32, INF_CASES[c][0], batch).numpy()[:, 1]
+                  for c in INF_CASES], axis=1)
+    if kernel == "cpu":
+        _, (mean,), (var,), _ = _core.forward([x])
+    else:
+        _, (mean,), (var,), _, _ = _core._emulate_cuda_forward([x])
+    np.testing.assert_array_equal(mean, [INF_CASES[c][1] for c in INF_CASES])
+    assert np.all(np.isnan(var))

@@ -5,11 +5,10 @@ is measured is the implementation's own error, not the input's rounding:
 - offsets of 1e0 .. 1e6 x the spread (the pivot shift: H, the variance and dH/dx stay at float32
   precision; the op's gradient centres on the two-term mean, so it has no common-mode error);
 - constant units: variance, gradient and the mean's deviation exactly 0;
-- +-Inf and NaN: what the formula's arithmetic gives, the same on both paths;
 - huge magnitudes: a finite entropy and gradient wherever float32 (or float64) can hold them,
   +Inf for a variance beyond the statistics type, 0 for gradient elements below its smallest
   normal number.
-docs/numerics.md states these results.
+docs/numerics.md states these results. +-Inf and NaN in the input: test_nonfinite.py.
 """
 
 import numpy as np
@@ -17,24 +16,16 @@ import pytest
 import tensorflow as tf
 
 import lbe_ops
-from reference64 import PI_E, entropy_grad as np_entropy_grad, moments as np_moments
 from lbe_ops import _core
+from op_checks import moments_and_grad
+from reference64 import PI_E
+from reference64 import entropy_grad as np_entropy_grad
+from reference64 import moments as np_moments
 
 BACKENDS = ["op", "tf"]
 OFFSETS = [1e0, 1e2, 1e4, 1e6]
 F32_EPS = 2.0 ** -24
 TINY32 = float(np.finfo(np.float32).tiny)
-
-
-def moments_and_grad(x, backend, variance_weight=0.0):
-    """(H, mean, var, dH/dx [+ variance_weight * d sum(var)/dx]) in float64 numpy."""
-    x = tf.convert_to_tensor(x)
-    with lbe_ops.use_backend(backend), tf.GradientTape() as tape:
-        tape.watch(x)
-        h, mean, var = lbe_ops.batch_entropy_moments(x)
-        loss = tf.cast(h, tf.float64) + variance_weight * tf.reduce_sum(tf.cast(var, tf.float64))
-    grad = tape.gradient(loss, x)
-    return [tf.cast(t, tf.float64).numpy() for t in (h, mean, var, grad)]
 
 
 def offset_input(rng, shape, dtype, offset):
@@ -224,59 +215,6 @@ def test_core_constant_units(rng, kernel):
                                                 mean_residuals=residuals)
     assert np.all(var[::2] == 0.0) and np.all(dx[:, ::2] == 0.0)
     np.testing.assert_array_equal(mean[::2], x[0, ::2])
-
-
-# ---- Inf and NaN ------------------------------------------------------------------------------
-
-def poisoned(dtype, values, batch=40):
-    """[batch, 4] activations with unit 1's rows 0 and 5 replaced by `values` (row 0 is the pivot).
-    A batch of 10 is one chunk of the CPU kernels, 40 several."""
-    data = np.random.default_rng(3).standard_normal((batch, 4)) + 2.0
-    data[0, 1], data[5, 1] = values
-    return tf.cast(tf.constant(data), dtype)
-
-
-INF_CASES = {  # (row 0, row 5) of unit 1 -> the unit's mean
-    "+inf in row 5": ((1.0, np.inf), np.inf),
-    "-inf in row 5": ((1.0, -np.inf), -np.inf),
-    "+inf in row 0 (the pivot)": ((np.inf, 1.0), np.inf),
-    "-inf in both": ((-np.inf, -np.inf), -np.inf),
-    "+inf and -inf": ((np.inf, -np.inf), np.nan),
-    "nan": ((1.0, np.nan), np.nan),
-}
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16, tf.float32, tf.float64],
-                         ids=lambda d: d.name)
-@pytest.mark.parametrize("case", list(INF_CASES))
-@pytest.mark.parametrize("batch", [10, 40])
-def test_inf_and_nan_input(backend, dtype, case, batch):
-    values, expected_mean = INF_CASES[case]
-    x = poisoned(dtype, values, batch)
-    h, mean, var, grad = moments_and_grad(x, backend)
-    np.testing.assert_array_equal(mean[1], expected_mean)  # equal_nan: NaN matches NaN
-    assert np.isnan(var[1]) and np.isnan(h) and np.all(np.isnan(grad[:, 1]))
-    clean = [0, 2, 3]
-    x64 = tf.cast(x, tf.float64).numpy()[:, clean]
-    _, mean_ref, var_ref = np_moments(x64)
-    rtol = {tf.float16: 1e-6, tf.bfloat16: 1e-6, tf.float32: 1e-6, tf.float64: 1e-13}[dtype]
-    np.testing.assert_allclose(mean[clean], mean_ref, rtol=rtol)
-    np.testing.assert_allclose(var[clean], var_ref, rtol=rtol)
-    assert np.all(np.isfinite(grad[:, clean]))
-
-
-@pytest.mark.parametrize("kernel", ["cpu", "cuda_emulation"])
-@pytest.mark.parametrize("batch", [10, 40])
-def test_core_inf_mean(kernel, batch):
-    x = np.stack([poisoned(tf.float32, INF_CASES[c][0], batch).numpy()[:, 1] for c in INF_CASES],
-                 axis=1)
-    if kernel == "cpu":
-        _, (mean,), (var,), _ = _core.forward([x])
-    else:
-        _, (mean,), (var,), _, _ = _core._emulate_cuda_forward([x])
-    np.testing.assert_array_equal(mean, [INF_CASES[c][1] for c in INF_CASES])
-    assert np.all(np.isnan(var))
 
 
 # ---- huge magnitudes ------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
-"""allow_small_batch: a batch B <= ddof gives entropy, mean and variance 0 and a zero gradient.
+"""A batch B <= ddof, too small for a variance.
 
-For the last batch of an epoch (1 sample) and the empty per-replica batch of a distribution
-strategy (0 samples). Covered on both backends, every dtype, eager, tf.function with an unknown
-batch dimension and (for the reference, which XLA uses) jit_compile=True; the tensors of a group
-that are not small must come out as from a call without them. Without the flag, a small batch
-stays an error naming the argument.
+allow_small_batch=True: entropy, mean and variance 0 and a zero gradient. For the last batch of
+an epoch (1 sample) and the empty per-replica batch of a distribution strategy (0 samples).
+Covered on both backends, every dtype, eager, tf.function with an unknown batch dimension and (for
+the reference, which XLA uses) jit_compile=True; the tensors of a group that are not small must
+come out as from a call without them. Without the flag, a small batch stays an error naming the
+argument where one can be raised; under XLA, which compiles assertions away, it is NaN on purpose.
+(The flag's own type check: test_bad_input.py.)
 """
 
 import numpy as np
@@ -12,15 +14,18 @@ import pytest
 import tensorflow as tf
 
 import lbe_ops
-from reference64 import entropy as np_entropy, entropy_grad as np_entropy_grad
 from lbe_ops import _loader
 from op_checks import ENTROPY_RTOL, GRAD_RTOL, assert_grad_close, make_input
+from reference64 import entropy as np_entropy
+from reference64 import entropy_grad as np_entropy_grad
+from reference64 import moments as np_moments
 
 DTYPES = [tf.float16, tf.bfloat16, tf.float32, tf.float64]
 BACKENDS = ["op", "tf"]
 # (ddof, batch) with batch <= ddof.
 SMALL = [(1, 0), (1, 1), (2, 0), (2, 1), (2, 2)]
 UNITS = 5
+XLA_UNITS = 4
 # eager and graph on both backends; XLA always runs the reference, whatever the backend.
 MODES = [("op", "eager"), ("op", "graph"), ("tf", "eager"), ("tf", "graph"), ("tf", "xla")]
 
@@ -324,11 +329,54 @@ def test_default_dynamic_small_batch_is_an_error(backend, dtype, ddof, batch):
         assert np.isfinite(float(_as_f64(single(normal, normal))))
 
 
-def test_allow_small_batch_must_be_a_bool():
-    x = np.ones((4, 3), np.float32)
-    for bad in (1, "yes", None, tf.constant(True)):
-        with pytest.raises(TypeError, match="allow_small_batch"):
-            lbe_ops.batch_entropy(x, allow_small_batch=bad)
-        with pytest.raises(TypeError, match="allow_small_batch"):
-            lbe_ops.reference.batch_entropies([x], allow_small_batch=bad)
-    assert float(lbe_ops.batch_entropy(x, allow_small_batch=np.bool_(True))) == 0.0
+# ---- without allow_small_batch under XLA: NaN, as no error can be raised there ---------------
+
+def _moments_and_group(ddof):
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            h, mean, variance = lbe_ops.batch_entropy_moments(x, ddof=ddof)
+        hs = lbe_ops.batch_entropies([y, x], ddof=ddof)
+        return h, mean, variance, tape.gradient(h, x), hs
+    return step
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [tf.float16, tf.float32, tf.float64], ids=_id)
+@pytest.mark.parametrize("ddof, batch", SMALL)
+def test_dynamic_small_batch_raises_outside_xla_and_is_nan_inside(rng, backend, dtype, ddof,
+                                                                   batch):
+    """One function, two compilations: graph mode raises, XLA gives NaN entropy and variance
+    (and gradient) for every batch <= ddof, and the mean of the batch; a batch large enough for
+    a variance, fed to the same compiled function, matches the float64 reference."""
+    signature = [tf.TensorSpec([None, XLA_UNITS], dtype)] * 2
+    step = _moments_and_group(ddof)
+    graph_fn = tf.function(step, input_signature=signature)
+    xla_fn = tf.function(step, input_signature=signature, jit_compile=True)
+    x, x64 = make_input(rng, (batch, XLA_UNITS), dtype)
+    y, y64 = make_input(rng, (ddof + 3, XLA_UNITS), dtype)
+
+    with lbe_ops.use_backend(backend):
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=f"needs a batch of at least {ddof + 1}"):
+            graph_fn(x, y)
+        h, mean, variance, grad, hs = xla_fn(x, y)
+    assert h.dtype == dtype and np.isnan(_as_f64(h))
+    assert variance.shape == (XLA_UNITS,) and np.all(np.isnan(variance.numpy()))
+    if batch:
+        np.testing.assert_allclose(mean.numpy(), x64.mean(axis=0), rtol=1e-6, atol=1e-6)
+        assert grad.shape == x.shape and np.all(np.isnan(_as_f64(grad)))
+    else:
+        assert np.all(np.isnan(mean.numpy()))
+    assert hs.dtype == dtype and np.isnan(_as_f64(hs[1]))
+    np.testing.assert_allclose(_as_f64(hs[0]), np_entropy(y64, ddof), rtol=ENTROPY_RTOL[dtype])
+
+    x, x64 = make_input(rng, (ddof + 2, XLA_UNITS), dtype)
+    with lbe_ops.use_backend(backend):
+        h, mean, variance, grad, hs = xla_fn(x, y)
+    ref_h, ref_mean, ref_variance = np_moments(x64, ddof)
+    np.testing.assert_allclose(_as_f64(h), ref_h, rtol=ENTROPY_RTOL[dtype])
+    np.testing.assert_allclose(variance.numpy(), ref_variance, rtol=1e-5)
+    np.testing.assert_allclose(_as_f64(hs), [np_entropy(y64, ddof), ref_h],
+                               rtol=ENTROPY_RTOL[dtype])
+    assert_grad_close(grad, np_entropy_grad(x64, ddof), GRAD_RTOL[dtype], x64)

@@ -1,9 +1,11 @@
 """What the op tests share: random inputs in every dtype (with their float64 values for the
-reference), and the tolerances a result is held to against the float64 reference (reference64)."""
+reference), the tolerances a result is held to against the float64 reference (reference64), and
+one call's entropy, statistics and gradient in float64."""
 
 import numpy as np
 import tensorflow as tf
 
+import lbe_ops
 from reference64 import moments as np_moments
 
 # Relative tolerances of the entropy, and of dx measured against max |dx|. Half and bfloat16
@@ -52,3 +54,14 @@ def assert_grad_close(grad, ref, rtol, x64=None):
     assert np.all(err <= allowed), (
         f"max |dx - ref| / max |ref| = {err.max() / scale:.3g} > {rtol:.3g} (worst at {worst}: "
         f"|dx - ref| = {err[worst]:.3g}, allowed {allowed[worst]:.3g})")
+
+
+def moments_and_grad(x, backend, variance_weight=0.0):
+    """(H, mean, var, dH/dx [+ variance_weight * d sum(var)/dx]) in float64 numpy."""
+    x = tf.convert_to_tensor(x)
+    with lbe_ops.use_backend(backend), tf.GradientTape() as tape:
+        tape.watch(x)
+        h, mean, var = lbe_ops.batch_entropy_moments(x)
+        loss = tf.cast(h, tf.float64) + variance_weight * tf.reduce_sum(tf.cast(var, tf.float64))
+    grad = tape.gradient(loss, x)
+    return [tf.cast(t, tf.float64).numpy() for t in (h, mean, var, grad)]
