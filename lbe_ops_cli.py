@@ -233,7 +233,8 @@ def train_main(argv=None):
 
 # The names lbe_ops.bench defines, here so that they are checked before TensorFlow is imported:
 # the kernel cases (cases.all_cases(), in its order), cases.DTYPES, MODES and VARIANTS, and the
-# fit() models (fit.FIT_MODELS, fit.STANDARD_FIT_MODELS). tests/test_cli.py checks that they agree.
+# fit() models (fit.FIT_MODELS, fit.STANDARD_FIT_MODELS). tests/commands/test_cli.py checks that
+# they agree.
 BENCH_CASES = ("tiny", "small", "mlp", "large", "tall", "wide", "conv", "group-20", "group-500",
                "group-100", "group-mixed")
 BENCH_DTYPES = ("float32", "float16", "bfloat16", "float64")

@@ -13,9 +13,9 @@ without LBE and through wrap() with the op: one benchmark round is a whole fit()
 plus fit()'s start and end), and extra_info holds that call's median step time; lbe-bench's fit
 table gives the steady-state step times. LBE_BENCH_QUICK=1 keeps to tiny shapes, a 10-layer
 training step and the fit() of a 10-layer model; with
---benchmark-disable every function runs once, which is the smoke run tests/test_bench_smoke.py
-does. Nothing here asserts a timing: the only checks are that every variant runs and returns a
-finite entropy.
+--benchmark-disable every function runs once, which is the smoke run
+tests/commands/test_bench_smoke.py does. Nothing here asserts a timing: the only checks are that
+every variant runs and returns a finite entropy.
 """
 
 import os

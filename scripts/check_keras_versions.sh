@@ -10,7 +10,7 @@
 # script ($PYTHON, default python3), which must be able to run the test suite: installed as the
 # README says (pip install ".[cpu,test]"), or with the op built in this tree, which is then the
 # lbe_ops tested. The environments are kept in $KERAS_VENVS (default .keras-venvs/ here) and
-# reused. The tests: tests/test_keras.py, test_keras_edges.py and test_keras_distributed.py;
+# reused. The tests: tests/keras/test_keras.py, test_keras_edges.py and test_keras_distributed.py;
 # KERAS_MULTIWORKER=1 adds test_keras_multiworker.py (two worker processes per test, slow).
 # Arguments for pytest: KERAS_PYTEST_ARGS (e.g. "-x -k wrap").
 #
@@ -23,8 +23,9 @@ python="${PYTHON:-python3}"
 venvs="${KERAS_VENVS:-$repo/.keras-venvs}"
 versions=("$@")
 [ ${#versions[@]} -gt 0 ] || versions=(3.12 3.13 3.14 3.15)
-tests=(tests/test_keras.py tests/test_keras_edges.py tests/test_keras_distributed.py)
-[ "${KERAS_MULTIWORKER:-0}" = 1 ] && tests+=(tests/test_keras_multiworker.py)
+tests=(tests/keras/test_keras.py tests/keras/test_keras_edges.py
+       tests/keras/test_keras_distributed.py)
+[ "${KERAS_MULTIWORKER:-0}" = 1 ] && tests+=(tests/keras/test_keras_multiworker.py)
 
 mkdir -p "$venvs"
 # With the op built in this tree, test that; otherwise the lbe_ops installed in the base Python.

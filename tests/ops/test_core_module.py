@@ -25,7 +25,7 @@ DTYPES = [np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)] + ([
 DTYPE_IDS = [d.name for d in DTYPES]
 
 
-# ---- float64 reference (tests/reference64.py) and its error model --------------------------------
+# ---- float64 reference (tests/support/reference64.py) and its error model ------------------------
 
 def ref_forward(x, ddof):
     return reference64.moments(x, ddof)
