@@ -133,6 +133,7 @@ def _check_fit_section(fit, variants):
         assert all(math.isfinite(loss) for loss in entry["last_loss"].values())
 
 
+@pytest.mark.slow  # runs a benchmark command end to end
 def test_lbe_bench_quick_writes_json_table_and_chart(tmp_path):
     out = tmp_path / "bench"
     # -m runs bench_main(), as the lbe-bench console script does; from tmp_path, so the lbe_ops
@@ -181,6 +182,7 @@ def test_lbe_bench_quick_writes_json_table_and_chart(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
 
 
+@pytest.mark.slow  # runs a benchmark command end to end
 def test_lbe_bench_fit_only_with_xla(tmp_path):
     """--fit-only: the fit table alone (no kernel cases, training step or chart), here
     with the XLA pair, whose first fit() compiles."""
@@ -199,6 +201,7 @@ def test_lbe_bench_fit_only_with_xla(tmp_path):
     assert not (out / "results.png").exists()
 
 
+@pytest.mark.slow  # runs a benchmark command end to end
 @pytest.mark.skipif(not SUITE.exists(), reason="benchmarks/ is not part of this checkout")
 def test_benchmark_suite_smoke(tmp_path):
     env = _env()
@@ -214,6 +217,7 @@ def test_benchmark_suite_smoke(tmp_path):
 TIME_LOOP = REPO / "scripts" / "time_loop.py"
 
 
+@pytest.mark.slow  # runs a benchmark command end to end
 @pytest.mark.skipif(not TIME_LOOP.exists(), reason="scripts/ is not part of this checkout")
 def test_time_loop_script_prints_its_timings(tmp_path):
     """scripts/time_loop.py (plain-loop timings and A/B comparisons): one case in a plain loop, and the training step plain against LBE through the op."""
@@ -243,6 +247,7 @@ def test_time_loop_script_prints_its_timings(tmp_path):
     assert unknown.returncode != 0 and "unknown case 'no-such-case'" in unknown.stderr
 
 
+@pytest.mark.slow  # runs a benchmark command end to end
 @pytest.mark.skipif(not shutil.which("cmake"), reason="needs cmake")
 def test_core_bench_builds_and_runs(tmp_path):
     """benchmarks/core_bench.cc (the CPU core alone, for kernel A/Bs) through its CMake target."""

@@ -49,6 +49,7 @@ def _check_run(run, epochs, depth, beta, validated=True):
     assert len(run["final_alpha"]) == depth
 
 
+@pytest.mark.slow  # lbe-train end to end
 def test_digits_end_to_end(tmp_path, capsys):
     pytest.importorskip("sklearn")
     out = tmp_path / "out"
@@ -249,6 +250,7 @@ def test_help(capsys):
     assert "(default: 32)" in flat and "(default: 128 for mlp, 8 for cnn)" in flat
 
 
+@pytest.mark.slow  # lbe-train end to end
 def test_sweep_script_runs_seeds_and_backends_side_by_side(tmp_path, capsys, monkeypatch):
     """scripts/sweep_train.py (docs/training.md's grid): one tiny seed through both backends, two
     runs at a time. Run from the repository root, as the docs do, without the suite's

@@ -15,8 +15,8 @@ from pngs import check_png
 SCRIPTS = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "scripts")
 TINY = ["--depth", "3", "--width", "8", "--quiet"]
 
-pytestmark = pytest.mark.skipif(lbe_ops.backend_info()["backend"] != "op",
-                                reason="compares the op's path with pure TF")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(lbe_ops.backend_info()["backend"] != "op",
+                                reason="compares the op's path with pure TF")]
 
 
 def _script(name):
@@ -78,7 +78,6 @@ def test_diagnose_records_each_quantity_and_trains_as_lbe_train(tmp_path, capsys
     assert result["run"]["final_alpha"] == expected["final_alpha"]
 
 
-@pytest.mark.slow  # three runs of two models each (about 30 s on 2 cores)
 def test_compare_paths_in_lockstep(tmp_path, capsys):
     pytest.importorskip("sklearn")
     compare = _script("compare_paths")

@@ -635,6 +635,7 @@ def test_mixed_precision_matches_float32_and_trains(rng, policy, rtol):
 
 # ---- a fresh process ---------------------------------------------------------------------
 
+@pytest.mark.slow  # a fresh Python process
 def test_fresh_process_serves_the_export_without_lbe_ops_and_loads_without_custom_objects(
         rng, tmp_path):
     x, y = data(rng)

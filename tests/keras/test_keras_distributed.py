@@ -16,6 +16,10 @@ TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO = os.path.dirname(TESTS)
 
 
+# Starts processes that train (a cluster or a subprocess with two replicas): pytest -m slow.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def run():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",

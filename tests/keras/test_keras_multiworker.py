@@ -111,6 +111,10 @@ def _load(path):
         return json.load(f)
 
 
+# Starts processes that train (a cluster or a subprocess with two replicas): pytest -m slow.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The two workers' results and the single process's, for every run of the helper."""
@@ -181,7 +185,6 @@ def test_per_replica_entropies_are_not_those_of_the_global_batch(trained):
                - single["cross"]["evaluate"]["entropy_mean"]) > 1e-4
 
 
-@pytest.mark.slow  # starts the cluster twice
 def test_a_dead_worker_stops_the_other_and_training_resumes_from_the_backup(trained, tmp_path):
     _, single = trained
     backup = str(tmp_path / "backup")
@@ -216,7 +219,6 @@ def test_a_dead_worker_stops_the_other_and_training_resumes_from_the_backup(trai
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow  # waits for the collective timeout
 def test_a_stuck_worker_ends_the_other_at_the_collective_timeout(tmp_path):
     # A worker that hangs while its process lives still sends heartbeats, so only the timeout
     # of MultiWorkerMirroredStrategy's CommunicationOptions ends the other worker's fit.

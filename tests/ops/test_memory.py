@@ -12,6 +12,7 @@ import lbe_ops
 from reference64 import PI_E
 
 
+@pytest.mark.slow  # 10000 calls
 def test_no_memory_growth_over_10000_calls():
     """10,000 eager calls (forward and gradient), then 2,000 grouped calls and 2,000 calls of a
     tf.function, after a warmup: the process's resident memory may not grow by more than 16 MB.

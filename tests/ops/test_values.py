@@ -235,7 +235,8 @@ def _group_and_one_at_a_time(xs, weights, mode, same_batch):
 
 
 @pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
-@pytest.mark.parametrize("batch", [2, 37, 300])
+@pytest.mark.parametrize("batch", [2, pytest.param(37, marks=pytest.mark.slow),
+                                   pytest.param(300, marks=pytest.mark.slow)])
 def test_tf_group_equals_one_tensor_at_a_time(rng, mode, batch):
     """A group mixing shapes and dtypes gives each tensor's own entropy and gradient: bit for bit
     in eager and graph mode, to rounding under XLA (which compiles each function as a whole)."""

@@ -141,6 +141,7 @@ def test_unloadable_library_falls_back_with_one_warning(broken_library):
     np.testing.assert_allclose(out["values"], expected_value(), rtol=1e-6)
 
 
+@pytest.mark.slow  # a fresh Python process per case
 def test_library_with_an_undefined_symbol_falls_back(undefined_symbol_library):
     """Reported and skipped: one warning and the pure-TensorFlow path, never a crash."""
     out = run_snippet(LBE_OPS_LIBRARY=str(undefined_symbol_library))
@@ -150,6 +151,7 @@ def test_library_with_an_undefined_symbol_falls_back(undefined_symbol_library):
     np.testing.assert_allclose(out["values"], expected_value(), rtol=1e-6)
 
 
+@pytest.mark.slow  # a fresh Python process per case
 def test_library_for_another_tensorflow_is_not_loaded(foreign_library):
     out = run_snippet(LBE_OPS_LIBRARY=str(foreign_library))
     assert out["info"]["backend"] == "tf"
@@ -165,6 +167,7 @@ def test_missing_library_falls_back(tmp_path):
     assert len(out["warnings"]) == 1
 
 
+@pytest.mark.slow  # a fresh Python process per case
 def test_forcing_the_op_with_a_broken_library_is_an_error(broken_library):
     proc = run_python("import lbe_ops, numpy as np; lbe_ops.batch_entropy(np.ones((3, 2), 'f4'))",
                       LBE_OPS_BACKEND="op", LBE_OPS_LIBRARY=str(broken_library))
@@ -191,6 +194,7 @@ def test_use_backend_scope():
             pass
 
 
+@pytest.mark.slow  # a fresh Python process per case
 def test_results_do_not_depend_on_the_number_of_threads():
     code = textwrap.dedent("""
         import sys, numpy as np, tensorflow as tf
@@ -325,6 +329,7 @@ def test_a_driver_too_old_for_the_library_falls_back_to_pure_tf_with_one_warning
     np.testing.assert_allclose(out["values"], expected_value(), rtol=1e-6)
 
 
+@pytest.mark.slow  # a fresh Python process per case
 def test_forcing_the_op_with_a_driver_too_old_is_an_error(cuda_build):
     major, _ = cuda_build
     proc = run_with_gpu_facts([[9, 0]], (major - 1) * 1000 + 80, backend="op")
@@ -333,6 +338,7 @@ def test_forcing_the_op_with_a_driver_too_old_is_an_error(cuda_build):
            "its GPU kernels cannot run here: the NVIDIA driver supports" in proc.stderr
 
 
+@pytest.mark.slow  # a fresh Python process per case
 def test_a_driver_for_the_library_keeps_the_op(cuda_build):
     major, minor = cuda_build
     proc = run_with_gpu_facts([[9, 0]], major * 1000 + minor * 10)

@@ -105,6 +105,7 @@ def test_saved_model_with_the_op_loads_and_runs_after_import(saved_models):
     _check_loaded(out[str(portable)])
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_saved_model_with_the_op_needs_lbe_ops_imported(saved_models):
     """Without `import lbe_ops` (or with LBE_OPS_BACKEND=tf, which keeps the library unloaded) a
     SavedModel containing Lbe> ops fails to load with TensorFlow's 'Op type not registered';

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "build_wheel.sh"
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.wheel,
     pytest.mark.skipif(os.environ.get("LBE_OPS_SKIP_WHEEL") == "1", reason="LBE_OPS_SKIP_WHEEL=1"),
     pytest.mark.skipif(sys.platform != "linux" or platform.machine() != "x86_64",
