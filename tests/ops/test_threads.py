@@ -5,6 +5,7 @@ import concurrent.futures
 import threading
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import lbe_ops
@@ -88,6 +89,7 @@ def test_use_backend_is_per_thread():
             assert uses_op == (backend == "op")
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_first_load_raced_by_many_threads():
     """In a fresh process whose import did not load the library (LBE_OPS_BACKEND=tf then), 16
     threads ask for the op at the same moment: one load, no warning, equal results."""

@@ -75,6 +75,7 @@ def test_default_uses_the_op_without_warnings():
     np.testing.assert_allclose(out["values"], expected_value(), rtol=1e-5)
 
 
+@pytest.mark.slow  # a fresh Python process per case
 def test_env_var_forces_pure_tf_silently():
     out = run_snippet(LBE_OPS_BACKEND="tf")
     assert out["info"]["backend"] == "tf"
@@ -83,6 +84,7 @@ def test_env_var_forces_pure_tf_silently():
     np.testing.assert_allclose(out["values"], expected_value(), rtol=1e-6)
 
 
+@pytest.mark.slow  # a fresh Python process per case
 def test_invalid_env_var_is_a_clear_error():
     proc = run_python("import lbe_ops, numpy as np; lbe_ops.batch_entropy(np.ones((3, 2), 'f4'))",
                       LBE_OPS_BACKEND="fast")
@@ -132,6 +134,7 @@ def undefined_symbol_library(tmp_path):
     return lib
 
 
+@pytest.mark.slow  # a fresh Python process per case
 def test_unloadable_library_falls_back_with_one_warning(broken_library):
     out = run_snippet(LBE_OPS_LIBRARY=str(broken_library))
     assert out["info"]["backend"] == "tf"
