@@ -8,7 +8,7 @@
                                                  # emulation, tiny shapes, no timings
 
 1. Correctness (tests/support/cuda_checks.py, also run by pytest as tests/ops/test_gpu.py): CUDA
-   forward and backward against the float64 reference (tests/support/reference64.py) over many
+   forward and backward against the float64 reference (tests/support/oracle64.py) over many
    shapes (tall [65536, 64] and wide [32, 1000000] included) and all four dtypes; outputs are
    filled with NaN first, so an element the kernels never wrote fails the check; every case runs
    twice and must give the same bits; groups of tensors (inline descriptors, a descriptor table,

@@ -4,7 +4,7 @@ The suite tests the compiled op: unless LBE_OPS_ALLOW_FALLBACK=1 is set, it stop
 lbe_ops cannot load its op library (a run that silently fell back to pure TF does not count).
 
 The tests are filed by concern (ops/, keras/, packaging/, commands/); what they share lives in
-support/, which is put on the path here: tests import its modules by name (`import reference64`).
+support/, which is put on the path here: tests import its modules by name (`import oracle64`).
 """
 
 import os

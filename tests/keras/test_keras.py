@@ -23,7 +23,7 @@ import lbe_ops
 import lbe_ops.keras as lk
 from lbe_ops.keras import _capture as lk_capture
 from lbe_ops.keras import regularizer as lk_regularizer
-from reference64 import PI_E, entropy as np_entropy
+from oracle64 import PI_E, entropy as np_entropy
 
 CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

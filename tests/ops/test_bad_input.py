@@ -10,7 +10,7 @@ import tensorflow as tf
 
 import lbe_ops
 from lbe_ops import _loader
-from reference64 import entropy as np_entropy
+from oracle64 import entropy as np_entropy
 
 BACKENDS = ["op", "tf"]
 

@@ -10,8 +10,8 @@
 
 import numpy as np
 import pytest
-import reference64
-from reference64 import PI_E
+import oracle64
+from oracle64 import PI_E
 
 from lbe_ops import _core
 
@@ -25,10 +25,10 @@ DTYPES = [np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)] + ([
 DTYPE_IDS = [d.name for d in DTYPES]
 
 
-# ---- float64 reference (tests/support/reference64.py) and its error model ------------------------
+# ---- float64 reference (tests/support/oracle64.py) and its error model ------------------------
 
 def ref_forward(x, ddof):
-    return reference64.moments(x, ddof)
+    return oracle64.moments(x, ddof)
 
 
 def ref_backward(x, ddof, g_entropy, g_mean=None, g_var=None, mean=None, var=None):
@@ -36,7 +36,7 @@ def ref_backward(x, ddof, g_entropy, g_mean=None, g_var=None, mean=None, var=Non
     mean="exact": the exact mean (what a backward given the forward's mean residuals centres on)."""
     if isinstance(mean, str) and mean == "exact":
         mean = None
-    return reference64.backward(x, ddof, g_entropy, g_mean=g_mean, g_var=g_var, mean=mean, var=var)
+    return oracle64.backward(x, ddof, g_entropy, g_mean=g_mean, g_var=g_var, mean=mean, var=var)
 
 
 def make_input(rng, shape, dtype, offset=0.0, scale=2.0):
@@ -48,12 +48,12 @@ def make_input(rng, shape, dtype, offset=0.0, scale=2.0):
 
 
 def check_forward(x, ddof, entropy, mean, var, offset=0.0):
-    """Shapes and dtypes of a forward result, and its values within reference64's error model."""
+    """Shapes and dtypes of a forward result, and its values within oracle64's error model."""
     dtype = x.dtype
     assert mean.shape == x.shape[1:] and var.shape == x.shape[1:]
     stats = np.float64 if dtype == np.float64 else np.float32
     assert mean.dtype == stats and var.dtype == stats and entropy.dtype == dtype
-    ok, finite, err, tol = reference64.forward_errors(x, ddof, entropy, mean, var, dtype, offset)
+    ok, finite, err, tol = oracle64.forward_errors(x, ddof, entropy, mean, var, dtype, offset)
     assert finite, "non-finite output (unwritten element?)"
     assert ok, f"errors {err} over tolerances {tol}"
 
@@ -61,7 +61,7 @@ def check_forward(x, ddof, entropy, mean, var, offset=0.0):
 def check_backward(x, dx, want):
     """want: ref_backward at the statistics the kernel was given."""
     assert dx.shape == x.shape and dx.dtype == x.dtype
-    ok, finite, err, tol = reference64.backward_errors(dx, want, x.dtype)
+    ok, finite, err, tol = oracle64.backward_errors(dx, want, x.dtype)
     assert finite, "non-finite gradient (unwritten element?)"
     assert ok, f"relative error {err:.3g} over the tolerance {tol:.3g}"
 

@@ -10,7 +10,7 @@
 
 import numpy as np
 import pytest
-import reference64
+import oracle64
 from cuda_checks import (ALL_DTYPES, CHECK_SHAPES, EMULATION_SHAPES, GROUP_COUNTS,
                          EmulatedDevice, TorchDevice, check_group, failure_summary, group_shapes,
                          single_cases)
@@ -133,14 +133,14 @@ def test_cuda_kernels_on_device(rng, dtype, shape):
     _sync()
     mean, var, ent = _to_host(mean_dev), _to_host(var_dev), _to_host(ent_dev)
     assert mean.dtype == stats and var.dtype == stats and ent.dtype == dtype
-    ok, finite, err, tol = reference64.forward_errors(x, 1, ent[0], mean, var, dtype, offset)
+    ok, finite, err, tol = oracle64.forward_errors(x, 1, ent[0], mean, var, dtype, offset)
     assert ok, (finite, err, tol)
     out = _empty_device(shape, dtype)
     g = _to_device(np.array([0.75], dtype))
     _core.cuda_backward([dx_dev], [mean_dev], [var_dev], g, [out], mean_residuals=[res_dev])
     _sync()
-    want = reference64.backward(x, 1, 0.75, var=var)  # at the exact mean
-    ok, finite, err, tol = reference64.backward_errors(_to_host(out), want, dtype)
+    want = oracle64.backward(x, 1, 0.75, var=var)  # at the exact mean
+    ok, finite, err, tol = oracle64.backward_errors(_to_host(out), want, dtype)
     assert ok, (finite, err, tol)
 
 

@@ -13,7 +13,7 @@ import tensorflow as tf
 import lbe_ops
 from lbe_ops import _loader
 from op_checks import make_input
-from reference64 import entropy_grad as np_entropy_grad
+from oracle64 import entropy_grad as np_entropy_grad
 
 BACKENDS = ["op", "tf"]
 

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import lbe_ops
-from reference64 import PI_E
+from oracle64 import PI_E
 
 
 @pytest.mark.slow  # 10000 calls

@@ -10,8 +10,8 @@ import tensorflow as tf
 import lbe_ops
 from lbe_ops import _core
 from op_checks import moments_and_grad
-from reference64 import PI_E
-from reference64 import moments as np_moments
+from oracle64 import PI_E
+from oracle64 import moments as np_moments
 
 DTYPES = [tf.float16, tf.bfloat16, tf.float32, tf.float64]
 BACKENDS = ["op", "tf"]

@@ -18,9 +18,9 @@ import tensorflow as tf
 import lbe_ops
 from lbe_ops import _core
 from op_checks import moments_and_grad
-from reference64 import PI_E
-from reference64 import entropy_grad as np_entropy_grad
-from reference64 import moments as np_moments
+from oracle64 import PI_E
+from oracle64 import entropy_grad as np_entropy_grad
+from oracle64 import moments as np_moments
 
 BACKENDS = ["op", "tf"]
 OFFSETS = [1e0, 1e2, 1e4, 1e6]

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lbe_ops
-from reference64 import PI_E
+from oracle64 import PI_E
 
 DTYPES = [tf.float16, tf.bfloat16, tf.float32, tf.float64]
 EXAMPLES = int(os.environ.get("LBE_OPS_HYPOTHESIS_EXAMPLES", "150"))

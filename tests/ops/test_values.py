@@ -8,9 +8,9 @@ import tensorflow as tf
 
 import lbe_ops
 from op_checks import ENTROPY_RTOL, GRAD_RTOL, assert_grad_close, make_input
-from reference64 import entropy as np_entropy
-from reference64 import entropy_grad as np_entropy_grad
-from reference64 import moments as np_moments
+from oracle64 import entropy as np_entropy
+from oracle64 import entropy_grad as np_entropy_grad
+from oracle64 import moments as np_moments
 
 DTYPES = [tf.float16, tf.bfloat16, tf.float32, tf.float64]
 BACKENDS = ["op", "tf"]

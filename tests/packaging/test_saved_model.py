@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import lbe_ops
-from reference64 import PI_E, moments as np_moments
+from oracle64 import PI_E, moments as np_moments
 from fresh_process import last_json_line, run_python
 
 

@@ -1,5 +1,5 @@
 """Correctness checks of the CUDA kernels of lbe_ops._core against the float64 reference
-(reference64): shared by tests/ops/test_gpu.py (pytest, on a GPU) and benchmarks/gpu_check.py (a
+(oracle64): shared by tests/ops/test_gpu.py (pytest, on a GPU) and benchmarks/gpu_check.py (a
 GPU machine without TensorFlow). Needs numpy, and PyTorch for the device (ml_dtypes for the host
 emulation); never TensorFlow.
 
@@ -16,7 +16,7 @@ import traceback
 
 import numpy as np
 
-import reference64
+import oracle64
 
 ALL_DTYPES = ["float32", "bfloat16", "float16", "float64"]
 # Tall [65536, 64] and wide [32, 1000000] included; the last two are the largest timed shapes.
@@ -239,12 +239,12 @@ def check_group(dev, rng, shapes, dtype, ddof, offset, unaligned_index=None, lab
     records = []
     for i, shape in enumerate(shapes):
         mean, var = dev.to_f64(first["means"][i]), dev.to_f64(first["variances"][i])
-        ok_f, finite_f, err_f, tol_f = reference64.forward_errors(x64s[i], ddof, entropies[i], mean, var,
+        ok_f, finite_f, err_f, tol_f = oracle64.forward_errors(x64s[i], ddof, entropies[i], mean, var,
                                                                   dtype, offset)
-        want = reference64.backward(x64s[i], ddof, float(first["g64"][i]), g_mean=first["gm64"][i],
+        want = oracle64.backward(x64s[i], ddof, float(first["g64"][i]), g_mean=first["gm64"][i],
                                     g_var=first["gv64"][i], var=var)  # at the exact mean
         dx = dev.to_f64(first["dxs"][i]).reshape(want.shape)
-        ok_b, finite_b, err_b, tol_b = reference64.backward_errors(dx, want, dtype)
+        ok_b, finite_b, err_b, tol_b = oracle64.backward_errors(dx, want, dtype)
         records.append({
             "case": label or "single", "shape": list(shape), "dtype": dtype, "ddof": ddof, "offset": offset,
             "unaligned": i == unaligned_index, "forward_ok": ok_f, "backward_ok": ok_b,

@@ -1,12 +1,12 @@
 """What the op tests share: random inputs in every dtype (with their float64 values for the
-reference), the tolerances a result is held to against the float64 reference (reference64), and
+reference), the tolerances a result is held to against the float64 reference (oracle64), and
 one call's entropy, statistics and gradient in float64."""
 
 import numpy as np
 import tensorflow as tf
 
 import lbe_ops
-from reference64 import moments as np_moments
+from oracle64 import moments as np_moments
 
 # Relative tolerances of the entropy, and of dx measured against max |dx|. Half and bfloat16
 # results are rounded to their own precision; float32 loses about eps * offset / std in the mean.

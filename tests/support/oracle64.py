@@ -1,7 +1,7 @@
-"""The float64 numpy reference of the batch-entropy math, and the error model the kernels are held
-to. Needs numpy only (no TensorFlow, no lbe_ops), so that benchmarks/gpu_check.py can use it on a
-GPU machine without TensorFlow; the tests import it as `reference64` (tests/conftest.py puts
-tests/support/ on the path).
+"""The float64 numpy oracle of the batch-entropy math (what both backends are held to), and the
+error model the kernels are held to. Needs numpy only (no TensorFlow, no lbe_ops), so that
+benchmarks/gpu_check.py can use it on a GPU machine without TensorFlow; the tests import it as
+`oracle64` (tests/conftest.py puts tests/support/ on the path).
 
 For x of shape [B, d1, ...], flattened to [B, U]:
 
