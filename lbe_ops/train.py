@@ -195,6 +195,11 @@ def _make_selection_callback(keras, test_ds, has_validation):
     return HeldOut()
 
 
+def _beta(name, args):
+    """The run's beta: the option's for the LBE run, 0 for the baseline."""
+    return args.beta if name == "lbe" else 0.0
+
+
 def compiled_model(name, args, data, validation, initial_weights):
     """The run's model as lbe-train trains it, and its data: (model, train, validation or None,
     test). The network from `initial_weights`, wrapped (beta = 0 for the baseline), compiled
@@ -204,7 +209,7 @@ def compiled_model(name, args, data, validation, initial_weights):
 
     import lbe_ops.keras as lbe_keras
 
-    beta = args.beta if name == "lbe" else 0.0
+    beta = _beta(name, args)
     keras.utils.set_random_seed(args.seed)
     network = build_network(keras, args, data.image_shape, data.num_classes)
     network.set_weights(initial_weights)
@@ -236,7 +241,7 @@ def train_one(name, args, data, validation, initial_weights, quiet, callbacks=()
     cpu_started = time.process_time()
     model, train_ds, val_ds, test_ds = compiled_model(name, args, data, validation,
                                                       initial_weights)
-    beta = args.beta if name == "lbe" else 0.0
+    beta = _beta(name, args)
 
     # Epoch 0: the initialized network, before any step.
     initial = model.evaluate(test_ds, verbose=0, return_dict=True)

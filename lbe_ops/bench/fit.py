@@ -103,7 +103,7 @@ def _spec(model):
 
 def fit_variants(with_xla, gpus):
     """The variants lbe-bench times: GPU_VARIANTS where GPUs are visible (`gpus`, as
-    tf.config.list_physical_devices("GPU") lists them), else GRAPH_VARIANTS; the XLA pair only
+    tf.config.list_physical_devices("GPU") lists them), else FIT_VARIANTS; the XLA pair only
     with_xla."""
     variants = GPU_VARIANTS if gpus else FIT_VARIANTS
     return variants if with_xla else tuple(v for v in variants if v not in XLA_VARIANTS)
@@ -213,11 +213,9 @@ def build_fit_models(model, variants=FIT_VARIANTS, seed=0):
 def auto_jit_compile(model):
     """What compile(jit_compile="auto") makes of `model` on this machine: True for XLA (Keras:
     an accelerator is visible, no distribution strategy, every layer supports_jit); None if
-    Keras' internals changed."""
-    try:
-        return bool(model._resolve_auto_jit_compile())
-    except Exception:  # noqa: BLE001 - a diagnostic: unknown, not an error
-        return None
+    Keras' internals changed (lbe_ops.keras._compat.resolve_auto_jit_compile)."""
+    from lbe_ops.keras import _compat
+    return _compat.resolve_auto_jit_compile(model)
 
 
 def lbe_op_in_train_function(model):
@@ -318,9 +316,8 @@ def time_fit(runs, min_time=20.0, min_rounds=5, max_rounds=500, seed=0, log=None
 # Results
 
 def _overhead_percent(times, variant, base):
-    if variant in times and base in times:
-        return 100.0 * (times[variant]["median"] / times[base]["median"] - 1.0)
-    return None
+    ratio = _ratio(times, variant, base)
+    return None if ratio is None else 100.0 * (ratio - 1.0)
 
 
 def summarize_fit(model, times, runs=None):

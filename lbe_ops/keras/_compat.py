@@ -251,3 +251,16 @@ def _closure_tf_functions(function, depth):
         elif depth > 0 and callable(value):
             found += _closure_tf_functions(value, depth - 1)
     return found
+
+
+def resolve_auto_jit_compile(model):
+    """What compile(jit_compile="auto") resolves to for `model` (True: XLA), or None where
+    Keras' internals changed.
+
+    Works around: Keras decides "auto" in the private Trainer._resolve_auto_jit_compile. Public
+    replacement: none (model.jit_compile only after compile(), and not what "auto" would give).
+    """
+    try:
+        return bool(model._resolve_auto_jit_compile())
+    except Exception:  # noqa: BLE001 - a diagnostic: unknown, not an error
+        return None
